@@ -1,0 +1,64 @@
+# fashsim — the README's two commands are `make run` and `make test`.
+# Both create/refresh .venv (installing with constraints.txt) and make sure Fashion-MNIST is present.
+# A second call is a no-op for the install (stamp file) and the data check.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+EXTRAS  ?= cpu,notebooks,dev
+PROFILE ?= full
+BIN     := $(VENV)/bin
+comma   := ,
+STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: run test setup data bench lab strip constraints clean help
+
+help:
+	@echo "make run    - the whole notebook pipeline on Fashion-MNIST (profile=$(PROFILE)) -> data/, reports/"
+	@echo "make test   - the test suite (unit tests + every notebook headless in the smoke profile)"
+	@echo "make bench  - benchmarks -> reports/benchmarks/*.json"
+	@echo "make lab    - JupyterLab on notebooks/"
+	@echo "make strip  - strip outputs from notebooks/*.ipynb before committing"
+
+run: setup
+	$(BIN)/python -m fashsim run --profile $(PROFILE)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m fashsim bench
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+setup: $(STAMP) data
+
+# The virtual environment, refreshed whenever pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+# Fashion-MNIST: found already (explicit path, $$FASHSIM_DATA, data/raw, /usr/share/datasets)?
+# Else on Debian as root: the Debian package. Else: try the official download, which fails
+# with a message listing every way to provide the files.
+data: $(STAMP)
+	@if $(BIN)/python -m fashsim data --check >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: found ($$($(BIN)/python -m fashsim data --where))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: installing the Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+		$(BIN)/python -m fashsim data --check; \
+	else \
+		$(BIN)/python -m fashsim data --download; \
+	fi
+
+strip: $(STAMP)
+	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
+
+constraints: $(STAMP)
+	@echo "Review the diff: torch must stay 'torch==2.13.0,!=2.13.0+cpu'."
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)$$/torch==\1,!=\1+cpu/' > constraints.freeze.txt
+
+clean:
+	rm -rf $(VENV) reports/executed

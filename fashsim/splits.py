@@ -1,0 +1,88 @@
+"""Reproducible dataset splits: stratified train/val/test, open-set (held-out categories), In-shop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+
+def train_val_test_split(
+    labels: Sequence[int] | np.ndarray,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    stratify: bool = True,
+) -> dict[str, np.ndarray]:
+    """Indices for 'train', 'val' and 'test' (empty when its fraction is 0), stratified by label.
+
+    The same labels and seed always give the same split; the parts are disjoint and cover all items.
+    """
+    labels = np.asarray(labels)
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"fractions must be in [0, 1) and sum below 1, got val={val_fraction}, test={test_fraction}")
+    indices = np.arange(len(labels))
+    parts = {"test": np.empty(0, np.int64), "val": np.empty(0, np.int64)}
+    rest = indices
+    for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+        if fraction == 0:
+            continue
+        share = fraction * len(labels) / len(rest)
+        rest, taken = train_test_split(
+            rest, test_size=share, random_state=seed, stratify=labels[rest] if stratify else None
+        )
+        parts[name] = np.sort(taken)
+    return {"train": np.sort(rest), "val": parts["val"], "test": parts["test"]}
+
+
+def open_set_split(
+    labels: Sequence[int] | np.ndarray,
+    holdout_classes: Sequence[int],
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Hold out whole categories: 'train'/'val' contain only seen classes, 'unseen' only the
+    ``holdout_classes`` (never seen in training: an honest test of generalisation)."""
+    labels = np.asarray(labels)
+    holdout = np.asarray(sorted(set(int(c) for c in holdout_classes)))
+    present = np.unique(labels)
+    if holdout.size == 0 or not np.isin(holdout, present).all():
+        raise ValueError(f"holdout_classes {holdout.tolist()} must be non-empty and among the labels {present.tolist()}")
+    if np.isin(present, holdout).all():
+        raise ValueError("at least one class must stay in training")
+    unseen_mask = np.isin(labels, holdout)
+    seen = np.flatnonzero(~unseen_mask)
+    split = train_val_test_split(labels[seen], val_fraction=val_fraction, seed=seed)
+    return {"train": seen[split["train"]], "val": seen[split["val"]], "unseen": np.flatnonzero(unseen_mask)}
+
+
+def inshop_split(catalog) -> dict[str, np.ndarray]:
+    """DeepFashion In-shop's official split: indices of 'train', 'query' and 'gallery' items."""
+    status = np.asarray([meta["split"] for meta in catalog.extra])
+    return {name: np.flatnonzero(status == name) for name in ("train", "query", "gallery")}
+
+
+def save_splits(path, splits: dict[str, np.ndarray], **metadata) -> None:
+    """Write index arrays (and JSON-able metadata) to an ``.npz`` file, atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **{k: np.asarray(v, np.int64) for k, v in splits.items()}, __meta__=json.dumps(metadata))
+    os.replace(tmp, path)
+
+
+def load_splits(path) -> tuple[dict[str, np.ndarray], dict]:
+    """Read what :func:`save_splits` wrote: ``(splits, metadata)``."""
+    import json
+
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["__meta__"]))
+        return {k: data[k] for k in data.files if k != "__meta__"}, meta

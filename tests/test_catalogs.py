@@ -1,0 +1,123 @@
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashsim import catalogs, splits
+from fashsim.errors import DatasetFormatError, DatasetNotFoundError
+from fashsim.images import load_image
+
+
+def _write_png(path, value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 16), (value, value, value)).save(path)
+
+
+def test_image_folder(tmp_path):
+    for category, n in (("dresses", 3), ("shoes", 2)):
+        for i in range(n):
+            _write_png(tmp_path / category / f"{i}.png", 40 * i)
+    _write_png(tmp_path / "shoes" / "nested" / "extra.png")
+    (tmp_path / "shoes" / "notes.txt").write_text("not an image")
+    (tmp_path / "shoes" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "empty_category").mkdir()
+    catalog = catalogs.load_image_folder(tmp_path)
+    assert catalog.class_names == ("dresses", "shoes")
+    assert len(catalog) == 6
+    assert np.bincount(catalog.labels).tolist() == [3, 3]
+    assert catalog.categories()[0] == "dresses"
+    assert load_image(catalog.paths[0]).size == (12, 16)
+    sub = catalog.subset([5, 0])
+    assert sub.categories() == ["shoes", "dresses"]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError):
+        catalogs.load_image_folder(tmp_path / "missing")
+    (tmp_path / "flat.png").write_bytes(b"x")
+    with pytest.raises(DatasetFormatError, match="category"):
+        catalogs.load_image_folder(tmp_path)
+
+
+def test_generic_csv_with_paths_and_extra_columns(tmp_path):
+    _write_png(tmp_path / "img" / "a.png")
+    _write_png(tmp_path / "img" / "b.png")
+    (tmp_path / "catalog.csv").write_text("path,category,price\nimg/a.png,dress,10\nimg/b.png,bag,25\n")
+    catalog = catalogs.load_csv_catalog(tmp_path / "catalog.csv")
+    assert catalog.class_names == ("bag", "dress")
+    assert catalog.categories() == ["dress", "bag"]
+    assert catalog.extra[1] == {"price": "25"}
+    assert catalog.paths[0] == tmp_path / "img" / "a.png"
+
+
+def test_kaggle_fashion_product_images_layout(tmp_path):
+    """styles.csv + images/<id>.jpg, including the dataset's famous unquoted-comma rows."""
+    header = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+    rows = [
+        "15970,Men,Apparel,Topwear,Shirts,Navy Blue,Fall,2011,Casual,Turtle Check Men Navy Blue Shirt",
+        "39386,Men,Apparel,Bottomwear,Jeans,Blue,Summer,2012,Casual,Peter England Men Party Blue Jeans",
+        "59263,Women,Accessories,Watches,Watches,Silver,Winter,2016,Casual,Titan Women, Silver, Watch",
+        "11111,Women,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Row whose image is missing",
+    ]
+    (tmp_path / "styles.csv").write_text("\n".join([header, *rows]) + "\n")
+    for item in ("15970", "39386", "59263"):
+        _write_png(tmp_path / "images" / f"{item}.jpg")
+    with pytest.warns(UserWarning, match="skipped 1 rows .*missing image"):
+        catalog = catalogs.load_csv_catalog(tmp_path / "styles.csv")
+    assert len(catalog) == 3
+    assert catalog.class_names == ("Jeans", "Shirts", "Watches")  # articleType by default
+    watch = catalog.extra[2]
+    assert watch["productDisplayName"] == "Titan Women, Silver, Watch"
+    assert watch["masterCategory"] == "Accessories"
+    by_master = catalogs.load_csv_catalog(tmp_path / "styles.csv", category_column="masterCategory", check_files=False)
+    assert by_master.class_names == ("Accessories", "Apparel")
+
+
+def test_csv_errors_name_the_columns(tmp_path):
+    (tmp_path / "bad.csv").write_text("file_name,colour\na.png,red\n")
+    with pytest.raises(DatasetFormatError, match="columns are: file_name, colour"):
+        catalogs.load_csv_catalog(tmp_path / "bad.csv")
+    (tmp_path / "nopath.csv").write_text("category,colour\ndress,red\n")
+    with pytest.raises(DatasetFormatError, match="path column"):
+        catalogs.load_csv_catalog(tmp_path / "nopath.csv")
+    with pytest.raises(DatasetNotFoundError):
+        catalogs.load_csv_catalog(tmp_path / "absent.csv")
+
+
+INSHOP = """8
+image_name item_id evaluation_status
+img/WOMEN/Dresses/id_00000002/02_1_front.jpg id_00000002 train
+img/WOMEN/Dresses/id_00000002/02_2_side.jpg id_00000002 train
+img/MEN/Denim/id_00000080/01_1_front.jpg id_00000080 query
+img/MEN/Denim/id_00000080/01_2_side.jpg id_00000080 gallery
+img/MEN/Denim/id_00000080/01_3_back.jpg id_00000080 gallery
+img/WOMEN/Blouses_Shirts/id_00000001/02_1_front.jpg id_00000001 query
+img/WOMEN/Blouses_Shirts/id_00000001/02_2_side.jpg id_00000001 gallery
+img/WOMEN/Dresses/id_00000003/01_1_front.jpg id_00000003 train
+"""
+
+
+def test_deepfashion_inshop(tmp_path):
+    (tmp_path / "list_eval_partition.txt").write_text(INSHOP)
+    catalog = catalogs.load_deepfashion_inshop(tmp_path)
+    assert len(catalog) == 8
+    assert catalog.class_names == ("MEN/Denim", "WOMEN/Blouses_Shirts", "WOMEN/Dresses")
+    assert catalog.paths[0] == tmp_path / "img/WOMEN/Dresses/id_00000002/02_1_front.jpg"
+    parts = splits.inshop_split(catalog)
+    assert parts["train"].tolist() == [0, 1, 7]
+    assert parts["query"].tolist() == [2, 5]
+    assert parts["gallery"].tolist() == [3, 4, 6]
+    items = catalog.group_ids("item_id")
+    assert items[2] == items[3] == items[4] and items[0] == items[1] != items[7]
+
+
+def test_deepfashion_inshop_malformed(tmp_path):
+    (tmp_path / "list_eval_partition.txt").write_text(INSHOP.replace("8\n", "9\n", 1))
+    with pytest.raises(DatasetFormatError, match="announces 9"):
+        catalogs.load_deepfashion_inshop(tmp_path)
+    (tmp_path / "list_eval_partition.txt").write_text(INSHOP.replace(" query", " test", 1))
+    with pytest.raises(DatasetFormatError, match="evaluation_status"):
+        catalogs.load_deepfashion_inshop(tmp_path)
+    with pytest.raises(DatasetNotFoundError):
+        catalogs.load_deepfashion_inshop(tmp_path / "nowhere")

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+from fashsim import cli, fashion_mnist
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fashsim", *args], capture_output=True, text=True, env=env)
+
+
+def test_data_check_and_where():
+    result = run_cli("data", "--check")
+    assert result.returncode == 0
+    assert "train: 60000 images" in result.stdout and "test: 10000 images" in result.stdout
+    where = run_cli("data", "--where")
+    assert where.stdout.strip() == str(fashion_mnist.find_fashion_mnist())
+
+
+def test_missing_data_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FASHSIM_DATA", raising=False)
+    monkeypatch.setenv("FASHSIM_HOME", str(tmp_path))
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "nowhere")
+    assert cli.main(["data", "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fashsim: error: Fashion-MNIST was not found") and "Traceback" not in err
+
+
+def test_run_failure_exit_code_names_notebook(tmp_path, monkeypatch, capsys):
+    assert cli.main(["run", "--profile", "smoke", "--only", "no_such_notebook"]) == 1
+    assert "matches no notebook" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2():
+    result = run_cli("run", "--profile", "enormous")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert run_cli("run", "-p", "nodots").returncode == 2

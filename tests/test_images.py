@@ -1,0 +1,168 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fashsim import images
+from fashsim.errors import FashsimError, InvalidImageError
+from image_fixtures import HOSTILE_UPLOADS, animated_gif, encode, jpeg_with_orientation, product_photo
+
+EXPECTED_WORDS = {
+    "empty": "empty",
+    "truncated_jpeg": "truncated",
+    "truncated_png": "truncated",
+    "text": "text, not an image",
+    "html": "HTML",
+    "svg": "SVG",
+    "pdf": "PDF",
+    "random_binary": "not an image format",
+    "bomb": "decompression bomb",
+    "zero_size": "zero size",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_UPLOADS))
+def test_hostile_uploads_raise_clear_fashsim_errors(name):
+    with pytest.raises(InvalidImageError) as info:
+        images.load_image(HOSTILE_UPLOADS[name])
+    assert EXPECTED_WORDS[name] in str(info.value)
+    assert isinstance(info.value, FashsimError)
+    assert info.value.__cause__ is None  # no PIL traceback chained under it
+
+
+def test_hostile_file_on_disk_names_the_file(tmp_path):
+    path = tmp_path / "page.jpg"
+    path.write_bytes(HOSTILE_UPLOADS["html"])
+    with pytest.raises(InvalidImageError, match="page.jpg.*HTML"):
+        images.load_image(path)
+    with pytest.raises(InvalidImageError, match="no such file"):
+        images.load_image(tmp_path / "missing.png")
+
+
+def test_pixel_limit_below_pil_bomb_threshold():
+    declared = encode(Image.new("L", (300, 200)), "PNG")
+    with pytest.raises(InvalidImageError, match="megapixels"):
+        images.load_image(declared, max_pixels=50_000)
+
+
+def test_animated_gif_gives_first_frame():
+    image = images.load_image(animated_gif())
+    assert image.size == (32, 32)
+    assert np.asarray(image.convert("L"))[0, 0] == 40
+
+
+def test_exif_orientation_is_applied():
+    image = images.load_image(jpeg_with_orientation(6))  # rotate 90° clockwise on display
+    assert image.size == (30, 60)
+    arr = np.asarray(image.convert("L"))
+    assert arr[5, 15] < 60 and arr[-5, 15] > 200  # left half black -> top after rotation
+
+
+@pytest.mark.parametrize(
+    "mode_maker",
+    [
+        lambda: product_photo().convert("CMYK"),
+        lambda: product_photo().convert("P"),
+        lambda: product_photo().convert("LA"),
+        lambda: product_photo().convert("1"),
+    ],
+    ids=["CMYK", "P", "LA", "1bit"],
+)
+def test_modes_become_8bit(mode_maker):
+    source = mode_maker()
+    fmt = "JPEG" if source.mode == "CMYK" else "PNG"
+    image = images.load_image(encode(source, fmt))
+    assert image.mode in ("RGB", "L")
+
+
+def test_16bit_greyscale_is_rescaled_not_clipped():
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    image = images.load_image(encode(Image.fromarray(ramp), "PNG"))
+    arr = np.asarray(image)
+    assert image.mode == "L" and arr.min() == 0 and arr.max() == 255
+    assert 100 < arr[32, 0] < 155  # the middle of the ramp is mid-grey, not saturated
+
+
+def test_transparent_background_becomes_white():
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[10:30, 10:30] = (20, 20, 20, 255)
+    image = images.load_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+    assert image.getpixel((20, 20)) == (20, 20, 20)
+
+
+def test_huge_photo_is_downscaled_on_decode():
+    image = images.load_image(encode(product_photo((4000, 3000)), "JPEG"))
+    assert max(image.size) == images.WORKING_SIZE
+    assert image.size == (1024, 768)
+
+
+def test_inputs_of_every_kind(tmp_path):
+    photo = product_photo()
+    data = encode(photo, "PNG")
+    path = tmp_path / "photo.png"
+    path.write_bytes(data)
+    for source in (data, memoryview(data), bytearray(data), io.BytesIO(data), path, str(path), photo, np.asarray(photo)):
+        assert images.load_image(source).size == photo.size
+    with pytest.raises(InvalidImageError, match="cannot read an image"):
+        images.load_image(12345)
+    with pytest.raises(InvalidImageError, match="not an image"):
+        images.load_image(np.zeros((4, 4, 7)))
+
+
+def test_product_photo_becomes_fashion_mnist_like():
+    prepared = images.prepare_image(images.load_image(encode(product_photo(), "JPEG")))
+    assert prepared.shape == (28, 28) and prepared.dtype == np.uint8
+    # inverted: dark background, bright garment; trimmed and resized so the garment spans 28 px tall
+    assert prepared[:, 0].max() < 30 and prepared[:, -1].max() < 30
+    assert prepared[:, 14].max() > 150
+    rows = np.flatnonzero(prepared.max(axis=1) > 50)
+    assert rows[0] <= 1 and rows[-1] >= 26
+
+
+def test_fashion_mnist_image_survives_preparation(fmnist_test):
+    """A dataset image already is what the model saw: preparing it changes it little."""
+    errors = []
+    for i in range(50):
+        original = fmnist_test.images[i]
+        prepared = images.prepare_image(Image.fromarray(original))
+        errors.append(np.abs(prepared.astype(int) - original.astype(int)).mean())
+    assert np.median(errors) < 2  # most are reproduced exactly
+
+
+def test_imagenet_spec_centre_crops():
+    prepared = images.prepare_image(images.load_image(encode(product_photo((300, 400)), "PNG")), images.IMAGENET_SPEC)
+    assert prepared.shape == (224, 224, 3)
+
+
+def test_to_tensor_normalises_and_adapts_channels(fmnist_test):
+    batch = fmnist_test.images[:4]
+    x = images.to_tensor(batch, images.FASHION_MNIST_SPEC)
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
+    whole = images.to_tensor(fmnist_test.images[:2000], images.FASHION_MNIST_SPEC)
+    assert abs(whole.mean().item()) < 0.1 and abs(whole.std().item() - 1) < 0.1  # dataset mean/std
+    rgb = images.to_tensor(batch, images.IMAGENET_SPEC)
+    assert rgb.shape == (4, 3, 28, 28)
+    with pytest.raises(ValueError, match="batch"):
+        images.to_tensor(np.zeros((2, 3, 4, 5, 6), np.uint8), images.FASHION_MNIST_SPEC)
+
+
+def test_augment_batch_is_seeded_and_keeps_shape(fmnist_test):
+    x = images.to_tensor(fmnist_test.images[:16], images.FASHION_MNIST_SPEC)
+    a = images.augment_batch(x, torch.Generator().manual_seed(1))
+    b = images.augment_batch(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, x)
+
+
+def test_photo_transforms_shapes():
+    photo = product_photo((300, 400))
+    assert images.photo_transforms(train=False)(photo).shape == (3, 224, 224)
+    assert images.photo_transforms(train=True)(photo).shape == (3, 224, 224)
+
+
+def test_input_spec_round_trip():
+    assert images.InputSpec.from_dict(images.IMAGENET_SPEC.to_dict()) == images.IMAGENET_SPEC
