@@ -1,0 +1,160 @@
+"""Triplet losses with online mining inside a P×K batch (Hermans, Beyer & Leibe 2017).
+
+All functions take a batch of embeddings ``(B, D)`` and integer labels ``(B,)`` and return a
+:class:`LossOutput`: the scalar loss plus statistics that make training legible (and collapse
+visible): the fraction of active triplets and the mean hardest-positive / hardest-negative
+distance.
+
+Distances: ``"euclidean"`` (L2) or ``"cosine"`` (1 − cosine similarity). For L2-normalised
+embeddings the two are monotonic in each other (‖a−b‖² = 2·(1 − cos)).
+
+* **batch-hard**: for every anchor, its farthest positive and nearest negative in the batch;
+  hinge ``[d(a,p) − d(a,n) + margin]₊`` or, with ``soft=True``, ``softplus(d(a,p) − d(a,n))``.
+* **batch-all**: every valid triplet (a, p, n); the loss averages the non-zero ones.
+* **semi-hard**: triplets whose negative is farther than the positive but inside the margin,
+  ``d(a,p) < d(a,n) < d(a,p) + margin`` (FaceNet's semi-hard negatives), averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+DISTANCES = ("euclidean", "cosine")
+
+
+@dataclass
+class LossOutput:
+    """A loss and its mining statistics (plain floats, for logging)."""
+
+    loss: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def pairwise_distances(embeddings: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """``(B, B)`` distances; Euclidean is computed stably (no NaN gradient at zero distance)."""
+    x = embeddings.float()
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+        return (1.0 - x @ x.T).clamp_min(0.0)
+    if metric != "euclidean":
+        raise ValueError(f"metric must be one of {DISTANCES}, got {metric!r}")
+    squared = x.pow(2).sum(1)
+    d2 = (squared[:, None] + squared[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+    zero = d2 == 0
+    d = torch.sqrt(d2 + zero.float() * 1e-16)  # sqrt'(0) is infinite: nudge exact zeros
+    return d * (~zero).float()
+
+
+def _masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same  # positives (not self), negatives
+
+
+def _zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
+    return embeddings.sum() * 0.0  # keeps the graph, so backward() still works
+
+
+def batch_hard_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    soft: bool = False,
+    metric: str = "euclidean",
+) -> LossOutput:
+    """Batch-hard triplet loss: hardest positive and hardest negative for every anchor."""
+    d = pairwise_distances(embeddings, metric)
+    pos, neg = _masks(labels)
+    valid = pos.any(1) & neg.any(1)
+    if not valid.any():
+        return LossOutput(_zero_loss(embeddings), {"active_fraction": 0.0, "valid_anchors": 0})
+    hardest_pos = d.masked_fill(~pos, float("-inf")).amax(1)[valid]
+    hardest_neg = d.masked_fill(~neg, float("inf")).amin(1)[valid]
+    gap = hardest_pos - hardest_neg
+    per_anchor = F.softplus(gap) if soft else F.relu(gap + margin)
+    active = gap > 0 if soft else gap + margin > 0
+    return LossOutput(
+        per_anchor.mean(),
+        {
+            "active_fraction": active.float().mean().item(),
+            "hardest_pos": hardest_pos.mean().item(),
+            "hardest_neg": hardest_neg.mean().item(),
+            "valid_anchors": int(valid.sum()),
+        },
+    )
+
+
+def _triplet_gaps(embeddings, labels, metric):
+    """``gap[a, p, n] = d(a,p) − d(a,n)`` and the mask of valid triplets."""
+    d = pairwise_distances(embeddings, metric)
+    pos, neg = _masks(labels)
+    valid = pos[:, :, None] & neg[:, None, :]
+    return d, d[:, :, None] - d[:, None, :], valid, pos, neg
+
+
+def batch_all_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.2, metric: str = "euclidean"
+) -> LossOutput:
+    """Every valid triplet of the batch; the mean over the triplets with a non-zero loss."""
+    d, gap, valid, pos, neg = _triplet_gaps(embeddings, labels, metric)
+    losses = F.relu(gap + margin)[valid]
+    active = losses > 0
+    stats = _distance_stats(d, pos, neg)
+    if losses.numel() == 0:
+        return LossOutput(_zero_loss(embeddings), {"active_fraction": 0.0, **stats})
+    loss = losses[active].mean() if active.any() else _zero_loss(embeddings)
+    return LossOutput(loss, {"active_fraction": active.float().mean().item(), "triplets": int(valid.sum()), **stats})
+
+
+def semi_hard_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.2, metric: str = "euclidean"
+) -> LossOutput:
+    """Triplets with a semi-hard negative, ``d(a,p) < d(a,n) < d(a,p) + margin``, averaged."""
+    d, gap, valid, pos, neg = _triplet_gaps(embeddings, labels, metric)
+    semi = valid & (gap < 0) & (gap + margin > 0)
+    stats = _distance_stats(d, pos, neg)
+    n_valid = int(valid.sum())
+    fraction = semi.sum().item() / n_valid if n_valid else 0.0
+    if not semi.any():
+        return LossOutput(_zero_loss(embeddings), {"active_fraction": fraction, **stats})
+    return LossOutput((gap + margin)[semi].mean(), {"active_fraction": fraction, "triplets": int(semi.sum()), **stats})
+
+
+def _distance_stats(d, pos, neg) -> dict[str, float]:
+    valid = pos.any(1) & neg.any(1)
+    if not valid.any():
+        return {}
+    return {
+        "hardest_pos": d.masked_fill(~pos, float("-inf")).amax(1)[valid].mean().item(),
+        "hardest_neg": d.masked_fill(~neg, float("inf")).amin(1)[valid].mean().item(),
+    }
+
+
+MINING = {
+    "batch_hard": batch_hard_triplet_loss,
+    "batch_all": batch_all_triplet_loss,
+    "semi_hard": semi_hard_triplet_loss,
+}
+
+
+def triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mining: str = "batch_hard",
+    margin: float = 0.2,
+    soft: bool = False,
+    metric: str = "euclidean",
+) -> LossOutput:
+    """Dispatch by ``mining`` name (``batch_hard``, ``batch_all``, ``semi_hard``)."""
+    if mining not in MINING:
+        raise ValueError(f"mining must be one of {', '.join(MINING)}, got {mining!r}")
+    if mining == "batch_hard":
+        return batch_hard_triplet_loss(embeddings, labels, margin=margin, soft=soft, metric=metric)
+    if soft:
+        raise ValueError("soft margin is defined for batch_hard mining only")
+    return MINING[mining](embeddings, labels, margin=margin, metric=metric)

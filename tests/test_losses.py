@@ -1,0 +1,126 @@
+"""Losses against pytorch-metric-learning (an independent reference) and hand-made cases."""
+
+import pytest
+import torch
+from pytorch_metric_learning import distances, losses as pml_losses, miners, reducers
+
+from fashsim import losses
+
+
+def _batch(seed=0, p=6, k=4, dim=16, normalise=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(p * k, dim, generator=g)
+    if normalise:
+        x = torch.nn.functional.normalize(x, dim=1)
+    labels = torch.arange(p).repeat_interleave(k)
+    return x.requires_grad_(), labels
+
+
+def _pml_distance(metric):
+    return distances.LpDistance(normalize_embeddings=False) if metric == "euclidean" else distances.CosineSimilarity()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("seed", range(3))
+def test_batch_hard_matches_pml(metric, seed):
+    x, labels = _batch(seed)
+    ours = losses.batch_hard_triplet_loss(x, labels, margin=0.2, metric=metric)
+    distance = _pml_distance(metric)
+    triplets = miners.BatchHardMiner(distance=distance)(x, labels)
+    reference = pml_losses.TripletMarginLoss(margin=0.2, distance=distance, reducer=reducers.MeanReducer())(
+        x, labels, triplets
+    )
+    assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    # gradients agree too
+    (g_ours,) = torch.autograd.grad(ours.loss, x)
+    (g_ref,) = torch.autograd.grad(reference, x)
+    assert torch.allclose(g_ours, g_ref, atol=1e-5)
+
+
+def test_soft_margin_matches_pml_smooth_loss():
+    x, labels = _batch(1)
+    ours = losses.batch_hard_triplet_loss(x, labels, soft=True)
+    distance = _pml_distance("euclidean")
+    triplets = miners.BatchHardMiner(distance=distance)(x, labels)
+    reference = pml_losses.TripletMarginLoss(
+        margin=0.0, smooth_loss=True, distance=distance, reducer=reducers.MeanReducer()
+    )(x, labels, triplets)
+    assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_batch_all_matches_pml(metric):
+    x, labels = _batch(2)
+    ours = losses.batch_all_triplet_loss(x, labels, margin=0.3, metric=metric)
+    distance = _pml_distance(metric)
+    triplets = miners.TripletMarginMiner(margin=0.3, type_of_triplets="all", distance=distance)(x, labels)
+    reference = pml_losses.TripletMarginLoss(margin=0.3, distance=distance)(x, labels, triplets)  # AvgNonZero
+    assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert ours.stats["triplets"] == 6 * 4 * 3 * 20  # anchors × positives × negatives
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_semi_hard_matches_pml(metric):
+    x, labels = _batch(3, normalise=True)
+    ours = losses.semi_hard_triplet_loss(x, labels, margin=0.5, metric=metric)
+    distance = _pml_distance(metric)
+    triplets = miners.TripletMarginMiner(margin=0.5, type_of_triplets="semihard", distance=distance)(x, labels)
+    reference = pml_losses.TripletMarginLoss(margin=0.5, distance=distance, reducer=reducers.MeanReducer())(
+        x, labels, triplets
+    )
+    assert len(triplets[0]) == ours.stats["triplets"] > 0
+    assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+def test_hand_made_batch_hard():
+    # 1-d embeddings: class 0 at 0 and 1, class 1 at 1.5 and 4
+    x = torch.tensor([[0.0], [1.0], [1.5], [4.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    out = losses.batch_hard_triplet_loss(x, labels, margin=0.2)
+    # anchor 0: hp=1, hn=1.5 -> 0 ; anchor 1: hp=1, hn=0.5 -> 0.7 ; anchor 2: hp=2.5, hn=0.5 -> 2.2 ; anchor 3: hp=2.5, hn=3 -> 0
+    assert out.loss.item() == pytest.approx((0 + 0.7 + 2.2 + 0) / 4)
+    assert out.stats["active_fraction"] == pytest.approx(0.5)
+    assert out.stats["hardest_pos"] == pytest.approx((1 + 1 + 2.5 + 2.5) / 4)
+    assert out.stats["hardest_neg"] == pytest.approx((1.5 + 0.5 + 0.5 + 3) / 4)
+
+
+def test_hand_made_batch_all_and_semi_hard():
+    x = torch.tensor([[0.0], [1.0], [1.5], [4.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # triplets (a,p,n) with gap+margin, margin 1: a0: (1-1.5+1)=.5,(1-4+1)=0 ; a1: (1-.5+1)=1.5,(1-3+1)=0
+    # a2: (2.5-1.5+1)=2,(2.5-.5+1)=3 ; a3: (2.5-4+1)=0,(2.5-3+1)=.5  -> non-zero: .5,1.5,2,3,.5
+    out = losses.batch_all_triplet_loss(x, labels, margin=1.0)
+    assert out.loss.item() == pytest.approx((0.5 + 1.5 + 2 + 3 + 0.5) / 5)
+    assert out.stats["active_fraction"] == pytest.approx(5 / 8)
+    semi = losses.semi_hard_triplet_loss(x, labels, margin=1.0)
+    # semi-hard: d(a,p) < d(a,n) < d(a,p)+1 -> a0 with n=1.5 (gap -.5) and a3 with n=3 (gap -.5)
+    assert semi.loss.item() == pytest.approx(0.5)
+    assert semi.stats["triplets"] == 2
+
+
+def test_collapsed_embeddings_give_margin_loss_and_zero_spread():
+    x = torch.ones(8, 4, requires_grad=True)
+    labels = torch.arange(4).repeat_interleave(2)
+    out = losses.batch_hard_triplet_loss(x, labels, margin=0.3)
+    assert out.loss.item() == pytest.approx(0.3)
+    assert out.stats["hardest_pos"] == 0 and out.stats["hardest_neg"] == 0
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all()  # no NaN from sqrt at zero distance
+
+
+def test_batches_without_valid_triplets():
+    x = torch.randn(4, 3, requires_grad=True)
+    out = losses.batch_hard_triplet_loss(x, torch.tensor([0, 1, 2, 3]))
+    assert out.loss.item() == 0 and out.stats["valid_anchors"] == 0
+    out.loss.backward()
+
+
+def test_dispatch_and_errors():
+    x, labels = _batch(0)
+    assert losses.triplet_loss(x, labels, mining="batch_all").loss.item() > 0
+    with pytest.raises(ValueError, match="mining"):
+        losses.triplet_loss(x, labels, mining="random")
+    with pytest.raises(ValueError, match="soft"):
+        losses.triplet_loss(x, labels, mining="batch_all", soft=True)
+    with pytest.raises(ValueError, match="metric"):
+        losses.pairwise_distances(x, "manhattan")
