@@ -248,3 +248,14 @@ def load_fashion_mnist(
         raise DatasetFormatError(f"{labels_file}: labels do not match {images_file}")
     return ImageArrayDataset(images, labels, CLASS_NAMES, source=str(folder))
 
+
+
+def load_train_val(
+    val_fraction: float = 0.1, seed: int = 0, path: str | os.PathLike | None = None
+) -> tuple[ImageArrayDataset, ImageArrayDataset]:
+    """The official train split cut into stratified train / validation parts (same as notebook 01)."""
+    from .splits import train_val_test_split
+
+    full = load_fashion_mnist("train", path)
+    parts = train_val_test_split(full.labels, val_fraction=val_fraction, seed=seed)
+    return full.subset(parts["train"]), full.subset(parts["val"])

@@ -34,3 +34,13 @@ def notebooks_dir() -> Path:
     """The course notebooks shipped with the checkout (``<checkout>/notebooks``)."""
     shipped = _PACKAGE_DIR.parent / "notebooks"
     return shipped if shipped.is_dir() else project_root() / "notebooks"
+
+
+def models_dir() -> Path:
+    """``<project>/data/models``: trained models, one folder per run."""
+    return data_dir() / "models"
+
+
+def default_model_path() -> Path:
+    """The trained default model that notebooks 03+ and the demo load."""
+    return models_dir() / "triplet" / "model.pt"

@@ -21,6 +21,8 @@ PROFILES: dict[str, dict[str, dict]] = {
     "full": {},
     "smoke": {
         "dataset_prep": {"val_fraction": 0.1, "samples_per_class": 6},
+        "triplet_training": {"train_subset": 3000, "epochs": 2, "max_seconds": 30, "p": 10, "k": 8},
+        "faiss_indexing": {"max_per_split": 2000, "compare_queries": 200, "quick_train_seconds": 20},
     },
 }
 

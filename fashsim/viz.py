@@ -107,3 +107,111 @@ def pk_batch_figure(images, labels, class_names: Sequence[str], p: int, k: int):
     fig.suptitle(f"One P×K batch: P={p} classes × K={k} images")
     fig.tight_layout()
     return fig
+
+
+def distance_matrix_figure(distances, labels, class_names: Sequence[str], *, anchor_rows: int = 3):
+    """A batch's pairwise distance matrix with, for a few anchors, the hardest positive (○) and
+    hardest negative (×) that batch-hard mining picks. ``distances`` is ``(B, B)``, batch sorted by label."""
+    d = np.asarray(distances)
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(d, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="distance")
+    same = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same, False)
+    anchors = np.linspace(0, len(d) - 1, anchor_rows).round().astype(int)
+    for a in anchors:
+        hp = np.where(same[a], d[a], -np.inf).argmax()
+        hn = np.where(labels != labels[a], d[a], np.inf).argmin()
+        ax.scatter([hp], [a], marker="o", s=60, facecolors="none", edgecolors="white", linewidths=1.5)
+        ax.scatter([hn], [a], marker="x", s=60, color="red", linewidths=1.5)
+        ax.axhline(a, color="white", lw=0.3, alpha=0.6)
+    bounds = np.flatnonzero(np.diff(labels)) + 0.5
+    for b in bounds:
+        ax.axhline(b, color="black", lw=0.5)
+        ax.axvline(b, color="black", lw=0.5)
+    centres = [np.flatnonzero(labels == c).mean() for c in dict.fromkeys(labels.tolist())]
+    names = [class_names[c] for c in dict.fromkeys(labels.tolist())]
+    ax.set_xticks(centres, names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(centres, names, fontsize=7)
+    ax.set_title("Batch distances: ○ hardest positive, × hardest negative")
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: Sequence[Mapping], *, title: str = "Training"):
+    """Loss, mining statistics and validation metrics per epoch from a training history."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
+    axes[0].set_title("training loss")
+    for key, label in (("train_hardest_pos", "hardest positive"), ("train_hardest_neg", "hardest negative"),
+                       ("train_spread", "batch spread")):
+        if key in history[0]:
+            axes[1].plot(epochs, [h[key] for h in history], marker="o", label=label)
+    if "train_active_fraction" in history[0]:
+        axes[1].plot(epochs, [h["train_active_fraction"] for h in history], marker="o", ls="--", label="active triplets")
+    axes[1].set_title("mining statistics")
+    axes[1].legend(fontsize=8)
+    for key, label in (("val_recall@1", "val Recall@1"), ("val_map@r", "val MAP@R")):
+        axes[2].plot(epochs, [h[key] for h in history], marker="o", label=label)
+    axes[2].set_title("validation")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def retrieval_grid(queries: Sequence[np.ndarray], results: Sequence[Sequence], images_of, *,
+                   query_labels: Sequence[str] | None = None, title: str | None = None):
+    """One row per query: the query image, then its hits with rank, score and category; hits of
+    the query's category (when ``query_labels`` is given) framed green, others red.
+
+    ``results[i]`` is a list of :class:`fashsim.collection.Hit`; ``images_of(hit)`` returns its pixels.
+    """
+    k = max((len(r) for r in results), default=0)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=((k + 1) * 1.15, len(queries) * 1.45), squeeze=False)
+    for row, (query, hits) in enumerate(zip(queries, results)):
+        _show(axes[row, 0], query)
+        axes[row, 0].set_title("query" + (f"\n{query_labels[row]}" if query_labels else ""), fontsize=7)
+        for col in range(1, k + 1):
+            ax = axes[row, col]
+            if col > len(hits):
+                ax.axis("off")
+                continue
+            hit = hits[col - 1]
+            _show(ax, images_of(hit))
+            ax.set_title(f"#{hit.rank} {hit.score:.3f}\n{hit.category}", fontsize=6)
+            if query_labels is not None:
+                colour = "tab:green" if hit.category == query_labels[row] else "tab:red"
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(2.5)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def index_comparison(rows: Sequence[Mapping], *, k: int = 10):
+    """Recall@k against queries per second for each index kind / setting (log-scaled QPS)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        mine = [r for r in rows if r["kind"] == kind]
+        ax.plot([r["qps"] for r in mine], [r[f"recall@{k}"] for r in mine], marker="o", label=kind)
+        for r in mine:
+            effort = {n: v for n, v in r["params"].items() if n in ("ef_search", "nprobe")}
+            if effort:
+                ax.annotate(", ".join(f"{n}={v}" for n, v in effort.items()), (r["qps"], r[f"recall@{k}"]),
+                            fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second (batch)")
+    ax.set_ylabel(f"recall@{k} vs exact")
+    ax.set_title("Exact vs approximate search")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -58,6 +58,38 @@ def test_01_dataset_prep_records_splits_and_figures(smoke_run):
     assert meta["open_set_holdout"] == summary["open_set_holdout"]
 
 
+def test_02_triplet_training_saves_a_model_that_beats_chance(smoke_run):
+    home, executed = smoke_run
+    nb = executed["02_triplet_training.ipynb"]
+    assert _images_shown(nb) >= 3
+    model_dir = home / "data" / "models" / "triplet"
+    history = json.loads((model_dir / "history.json").read_text())
+    assert len(history["history"]) == 2
+    assert history["best"]["val_recall@1"] > 0.6  # 3000 images, 2 epochs; chance is 0.1
+    from fashsim.models import load_model
+
+    model = load_model(model_dir / "model.pt")
+    assert model.embedding_dim == 128
+    for name in ("02_batch_distances_untrained", "02_training_curves", "02_batch_distances_trained"):
+        assert (home / "reports" / "figures" / f"{name}.png").exists()
+
+
+def test_03_faiss_indexing_saves_a_loadable_index(smoke_run):
+    home, executed = smoke_run
+    nb = executed["03_faiss_indexing.ipynb"]
+    assert _images_shown(nb) >= 2
+    text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert "identical results: True" in text and "4000 items" in text
+    from fashsim.collection import Collection
+    from fashsim.models import load_model
+
+    model = load_model(home / "data" / "models" / "triplet" / "model.pt")
+    collection = Collection.load(home / "data" / "index" / "fashion-mnist", model=model)
+    assert len(collection) == 4000
+    hits = collection.search(collection.index.reconstruct([60001]), 5, category="Trouser")[0]
+    assert len(hits) == 5 and {h.category for h in hits} == {"Trouser"}
+
+
 def test_failing_notebook_is_named(tmp_path, project_home):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

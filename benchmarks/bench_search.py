@@ -1,0 +1,106 @@
+"""Search benchmark.
+
+1. End-to-end single-query latency: encoded image bytes → decode → prepare → embed → top-10 over
+   all 70 000 Fashion-MNIST items (exact index), one query at a time, with the trained default
+   model (``data/models/triplet/model.pt``; run ``benchmarks/bench_training.py`` first).
+2. Approximate search at scale: 1 M × 128 synthetic clustered unit vectors; recall@10 of each ANN
+   kind against exact search, build time, queries per second (batch of queries, all cores) and
+   memory (serialised index size).
+
+    .venv/bin/python benchmarks/bench_search.py [--n 1000000] [--queries 1000]
+
+Writes ``reports/benchmarks/search.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def latency(n_queries: int, seed: int = 0) -> dict:
+    import faiss
+    from PIL import Image
+
+    from fashsim.fashion_mnist import load_fashion_mnist
+    from fashsim.models import load_model
+    from fashsim.paths import default_model_path
+    from fashsim.searcher import Searcher, index_fashion_mnist
+
+    model = load_model(default_model_path())
+    collection = index_fashion_mnist(model, kind="flat")
+    searcher = Searcher(model, collection, threads=1)
+    faiss.omp_set_num_threads(1)  # one query: threads cost more than they bring
+    test = load_fashion_mnist("test")
+    rng = np.random.default_rng(seed)
+    payloads = []
+    for i in rng.choice(len(test), n_queries, replace=False):
+        buffer = io.BytesIO()
+        Image.fromarray(test.images[i]).save(buffer, format="PNG")
+        payloads.append(buffer.getvalue())
+    for payload in payloads[:20]:  # warm-up
+        searcher.search(payload, k=10)
+    times = []
+    for payload in payloads:
+        start = time.perf_counter()
+        hits = searcher.search(payload, k=10)
+        times.append((time.perf_counter() - start) * 1000)
+        assert len(hits) == 10
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return {"p50": round(float(np.percentile(times, 50)), 3), "p99": round(float(np.percentile(times, 99)), 3),
+            "n_items": len(collection), "n_queries": n_queries}
+
+
+def synthetic(n: int, n_queries: int, dim: int = 128, clusters: int = 1000, seed: int = 0):
+    """Clustered unit vectors: cluster centres + isotropic noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+
+    def draw(m):
+        x = centres[rng.integers(0, clusters, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return draw(n), draw(n_queries)
+
+
+def ann(n: int, n_queries: int) -> list[dict]:
+    from fashsim.index import compare_kinds
+
+    base, queries = synthetic(n, n_queries)
+    configs = [
+        ("hnsw", {"hnsw_m": 16, "ef_construction": 80}, [{"ef_search": v} for v in (16, 32, 64, 128)]),
+        ("ivfpq", {"pq_m": 32, "nlist": 2048}, [{"nprobe": v} for v in (8, 32, 128)]),
+    ]
+    rows = compare_kinds(base, queries, configs, k=10)
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    from fashsim.paths import reports_dir
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000, help="synthetic collection size (default 1M)")
+    parser.add_argument("--queries", type=int, default=1000, help="queries for the ANN part")
+    parser.add_argument("--latency-queries", type=int, default=500)
+    parser.add_argument("--output", default=str(reports_dir() / "benchmarks" / "search.json"))
+    args = parser.parse_args(argv)
+    report = {"query_latency_ms": latency(args.latency_queries)}
+    print("latency", report["query_latency_ms"], flush=True)
+    report["ann_1m"] = ann(args.n, args.queries)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Training benchmark: the default triplet recipe vs a cross-entropy baseline of equal budget vs
+raw pixels, evaluated leave-one-out on the Fashion-MNIST test split.
+
+    .venv/bin/python benchmarks/bench_training.py [--budget 540] [--device auto]
+
+Writes ``reports/benchmarks/training.json`` and leaves the trained default model in
+``data/models/triplet/model.pt`` (where notebook 03 and the demo look for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import replace
+
+import numpy as np
+
+from fashsim import fashion_mnist, metrics
+from fashsim.paths import models_dir, reports_dir
+from fashsim.training import TrainConfig, embed_arrays, train
+
+KEYS = ("recall@1", "recall@5", "recall@10", "map@r")
+
+
+def evaluate(embeddings: np.ndarray, labels: np.ndarray) -> dict:
+    scores = metrics.retrieval_metrics(embeddings, labels, ks=(1, 5, 10))
+    return {key: round(scores[key], 4) for key in KEYS}
+
+
+def run(config: TrainConfig, name: str, train_set, val_set, test) -> dict:
+    out = models_dir() / name
+    shutil.rmtree(out, ignore_errors=True)  # a benchmark measures a fresh run
+    result = train(config, train_set, val_set, out, resume=False, progress=sys.stderr.isatty())
+    seconds = result.history[-1]["train_seconds"]
+    images = sum(h["images"] for h in result.history)
+    return {
+        **evaluate(embed_arrays(result.model, test.images), test.labels),
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round(images / seconds, 1),
+        "epochs": len(result.history),
+        "device": str(next(result.model.parameters()).device),
+        "recipe": config.to_dict(),
+        "stopped": result.stopped,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=540.0, help="training seconds per model (default 540)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", default=str(reports_dir() / "benchmarks" / "training.json"))
+    args = parser.parse_args(argv)
+
+    train_set, val_set = fashion_mnist.load_train_val()
+    test = fashion_mnist.load_fashion_mnist("test")
+    base = TrainConfig(device=args.device, max_seconds=args.budget, epochs=1000, patience=None)
+    report = {
+        "triplet": run(base, "triplet", train_set, val_set, test),
+        "cross_entropy": run(replace(base, loss="cross_entropy"), "cross_entropy", train_set, val_set, test),
+        "raw_pixels": evaluate(test.images.reshape(len(test), -1).astype(np.float32), test.labels),
+    }
+    from pathlib import Path
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    for name in ("triplet", "cross_entropy", "raw_pixels"):
+        print(f"{name:14s} " + "  ".join(f"{k} {report[name][k]:.4f}" for k in KEYS))
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Item metadata in SQLite: what each vector id in the index stands for, plus a search history.
+
+Tables:
+
+* ``items(id INTEGER PRIMARY KEY, source TEXT, category TEXT, extra TEXT)`` — ``source`` is an
+  image path or a dataset reference such as ``fashion-mnist:test:123``; ``extra`` is a JSON
+  object with any further fields (colour, price, item id ...).
+* ``search_history(id, at, k, category, result_ids)`` — optional log of searches.
+
+The database lives in memory while in use (fast, and the saved copy stays untouched until the
+next save); :meth:`CatalogDB.save` writes it to a file with SQLite's backup API.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FashsimError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    category TEXT NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS items_category ON items(category);
+CREATE TABLE IF NOT EXISTS search_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    k INTEGER NOT NULL,
+    category TEXT,
+    result_ids TEXT NOT NULL
+);
+"""
+
+CORE_FIELDS = ("id", "source", "category")
+
+
+class CatalogError(FashsimError):
+    """Inconsistent catalog operations (duplicate or unknown ids, missing fields)."""
+
+
+class CatalogDB:
+    """The metadata catalog (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.conn = sqlite3.connect(":memory:")
+        self.conn.executescript(SCHEMA)
+
+    # ------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def add(self, records: Iterable[Mapping]) -> np.ndarray:
+        """Insert records (dicts with ``id``, ``source``, ``category`` and any extra fields) in
+        one transaction; returns their ids. Duplicate ids raise and insert nothing."""
+        rows = []
+        for record in records:
+            missing = [f for f in CORE_FIELDS if f not in record]
+            if missing:
+                raise CatalogError(f"record {dict(record)!r} lacks {', '.join(missing)}")
+            extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
+            rows.append((int(record["id"]), str(record["source"]), str(record["category"]), json.dumps(extra)))
+        try:
+            with self.conn:
+                self.conn.executemany("INSERT INTO items (id, source, category, extra) VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.IntegrityError:
+            ids = [r[0] for r in rows]
+            taken = self.existing(ids)
+            raise CatalogError(f"{len(taken)} ids already exist in the catalog (e.g. {taken[:5].tolist()})"
+                               if len(taken) else "the records repeat an id") from None
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
+    def remove(self, ids) -> int:
+        """Delete ids; returns how many existed."""
+        ids = [int(i) for i in np.asarray(ids).ravel()]
+        with self.conn:
+            cursor = self.conn.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in ids])
+        return cursor.rowcount
+
+    def existing(self, ids) -> np.ndarray:
+        """Which of ``ids`` are in the catalog."""
+        wanted = np.asarray(ids, dtype=np.int64).ravel()
+        return np.intersect1d(wanted, self.ids())
+
+    def get(self, ids) -> list[dict | None]:
+        """Records of ``ids`` in the same order (None where an id is unknown)."""
+        ids = [int(i) for i in np.asarray(ids).ravel()]
+        found: dict[int, dict] = {}
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(f"SELECT id, source, category, extra FROM items WHERE id IN ({marks})", chunk):
+                found[row[0]] = {"id": row[0], "source": row[1], "category": row[2], **json.loads(row[3])}
+        return [found.get(i) for i in ids]
+
+    def ids(self, category: str | None = None) -> np.ndarray:
+        """All ids, or those of one category, sorted."""
+        if category is None:
+            rows = self.conn.execute("SELECT id FROM items ORDER BY id")
+        else:
+            rows = self.conn.execute("SELECT id FROM items WHERE category = ? ORDER BY id", (category,))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def ids_where(self, predicate: Callable[[dict], bool]) -> np.ndarray:
+        """Ids of the records for which ``predicate(record)`` is true (any metadata field)."""
+        rows = self.conn.execute("SELECT id, source, category, extra FROM items ORDER BY id")
+        return np.fromiter(
+            (r[0] for r in rows if predicate({"id": r[0], "source": r[1], "category": r[2], **json.loads(r[3])})),
+            dtype=np.int64,
+        )
+
+    def categories(self) -> dict[str, int]:
+        """Category → number of items, sorted by name."""
+        rows = self.conn.execute("SELECT category, COUNT(*) FROM items GROUP BY category ORDER BY category")
+        return dict(rows.fetchall())
+
+    # ------------------------------------------------------------ history
+    def log_search(self, k: int, category: str | None, result_ids) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO search_history (at, k, category, result_ids) VALUES (?, ?, ?, ?)",
+                (time.time(), int(k), category, json.dumps([int(i) for i in result_ids])),
+            )
+
+    def history(self, limit: int = 20) -> list[dict]:
+        """The latest searches, newest first."""
+        rows = self.conn.execute(
+            "SELECT at, k, category, result_ids FROM search_history ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [{"at": at, "k": k, "category": c, "result_ids": json.loads(r)} for at, k, c, r in rows]
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        """Write the whole database to ``path`` (a new file)."""
+        target = sqlite3.connect(str(path))
+        try:
+            self.conn.backup(target)
+        finally:
+            target.close()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CatalogDB":
+        """Read a database file written by :meth:`save` into memory."""
+        path = Path(path)
+        if not path.is_file():
+            raise CatalogError(f"catalog database {path} does not exist")
+        db = cls()
+        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            source.backup(db.conn)
+            db.conn.execute("SELECT id, source, category, extra FROM items LIMIT 1")
+        except sqlite3.DatabaseError as exc:
+            raise CatalogError(f"{path} is not a readable fashsim catalog ({exc})") from None
+        finally:
+            source.close()
+        return db

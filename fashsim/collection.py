@@ -1,0 +1,266 @@
+"""A searchable collection: FAISS vectors (:mod:`fashsim.index`) + SQLite metadata
+(:mod:`fashsim.catalog_db`), kept consistent, filtered by category or any metadata predicate, and
+saved to / loaded from one directory safely.
+
+On disk::
+
+    <directory>/CURRENT                 name of the complete version to load
+    <directory>/v-<timestamp>/manifest.json   format, model fingerprint, dim, kind, params, sha256 of files
+    <directory>/v-<timestamp>/vectors.faiss
+    <directory>/v-<timestamp>/ids.npy
+    <directory>/v-<timestamp>/catalog.sqlite
+
+A save writes a whole new version (files fsync'ed) and only then switches ``CURRENT`` with an
+atomic rename, so a process killed mid-save leaves the previous version loadable. Loading
+verifies the checksums (a truncated or corrupted file is refused) and, given the model, that the
+index was built by that very model (dimension and fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .catalog_db import CatalogDB
+from .errors import FashsimError
+from .index import VectorIndex, choose_kind
+
+FORMAT_VERSION = 1
+FILES = ("vectors.faiss", "ids.npy", "catalog.sqlite")
+
+
+class IndexMismatchError(FashsimError):
+    """The saved index does not belong to the model it is used with."""
+
+
+class CorruptIndexError(FashsimError):
+    """A saved collection is incomplete, truncated or corrupted."""
+
+
+@dataclass
+class Hit:
+    """One search result."""
+
+    rank: int
+    id: int
+    score: float
+    category: str
+    source: str
+    extra: dict = field(default_factory=dict)
+
+
+class Collection:
+    """Vectors + metadata with one id space (see the module docstring)."""
+
+    def __init__(self, dim: int, kind: str = "flat", *, model_fingerprint: str | None = None,
+                 use_gpu: bool | str = "auto", **index_params) -> None:
+        self.index = VectorIndex(dim, kind, use_gpu=use_gpu, **index_params)
+        self.catalog = CatalogDB()
+        self.model_fingerprint = model_fingerprint
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, records: Sequence[Mapping], *, kind: str = "auto",
+              model_fingerprint: str | None = None, train_sample: int = 100_000, seed: int = 0,
+              **index_params) -> "Collection":
+        """A new collection over ``embeddings`` (one record per row); ``kind='auto'`` picks by size."""
+        kind = choose_kind(len(embeddings)) if kind == "auto" else kind
+        collection = cls(embeddings.shape[1], kind, model_fingerprint=model_fingerprint, **index_params)
+        if collection.index.needs_training:
+            rng = np.random.default_rng(seed)
+            sample = embeddings[rng.choice(len(embeddings), min(train_sample, len(embeddings)), replace=False)]
+            collection.index.train(sample)
+        collection.add(embeddings, records)
+        return collection
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # ------------------------------------------------------------ content
+    def add(self, embeddings: np.ndarray, records: Sequence[Mapping]) -> None:
+        """Add items (no rebuild): metadata and vectors together, or neither."""
+        if len(records) != len(embeddings):
+            raise FashsimError(f"{len(embeddings)} embeddings but {len(records)} records")
+        ids = self.catalog.add(records)
+        try:
+            self.index.add(embeddings, ids)
+        except Exception:
+            self.catalog.remove(ids)  # keep the two in step
+            raise
+
+    def remove(self, ids) -> int:
+        """Remove items by id from both the index and the catalog (no rebuild)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        removed = self.index.remove(ids)
+        self.catalog.remove(ids)
+        return removed
+
+    def categories(self) -> dict[str, int]:
+        return self.catalog.categories()
+
+    # ------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int = 10, *, category: str | None = None,
+               where: Callable[[dict], bool] | None = None, exclude_ids=None, log: bool = False) -> list[list[Hit]]:
+        """Top-``k`` hits per query, optionally only of ``category`` and/or records for which
+        ``where(record)`` is true; ``exclude_ids`` drops given ids (e.g. the query item itself)."""
+        allowed = None
+        if category is not None:
+            allowed = self.catalog.ids(category)
+        if where is not None:
+            matching = self.catalog.ids_where(where)
+            allowed = matching if allowed is None else np.intersect1d(allowed, matching)
+        exclude = np.asarray([] if exclude_ids is None else exclude_ids, dtype=np.int64).ravel()
+        if len(exclude):
+            allowed = np.setdiff1d(self.index.ids() if allowed is None else allowed, exclude)
+        scores, ids = self.index.search(queries, k, allowed_ids=allowed)
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            valid = row_ids >= 0
+            records = self.catalog.get(row_ids[valid])
+            hits = [
+                Hit(rank=r + 1, id=int(i), score=float(s), category=rec["category"], source=rec["source"],
+                    extra={k_: v for k_, v in rec.items() if k_ not in ("id", "source", "category")})
+                for r, (i, s, rec) in enumerate(zip(row_ids[valid], row_scores[valid], records))
+            ]
+            if log:
+                self.catalog.log_search(k, category, [h.id for h in hits])
+            results.append(hits)
+        return results
+
+    def near_duplicates(self, threshold: float = 0.97) -> list[list[int]]:
+        """Groups of ids whose embeddings have cosine similarity ≥ ``threshold`` (connected
+        components of the FAISS range-search graph), largest first; singletons omitted."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        ids = self.index.ids()
+        if len(ids) < 2:
+            return []
+        vectors = self.index.reconstruct(ids)
+        lims, _, neighbours = self.index.range_search(vectors, threshold)
+        rows = np.repeat(np.arange(len(ids)), np.diff(lims))
+        position = {int(v): p for p, v in enumerate(ids)}
+        cols = np.fromiter((position[int(v)] for v in neighbours), dtype=np.int64, count=len(neighbours))
+        graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), len(ids)))
+        _, labels = connected_components(graph, directed=False)
+        groups = [ids[labels == c].tolist() for c in np.unique(labels)]
+        return sorted((g for g in groups if len(g) > 1), key=len, reverse=True)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save atomically as a new version of ``directory`` (see the module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        version = f"v-{time.time_ns()}"
+        staging = directory / f".{version}.partial"
+        staging.mkdir()
+        ids = self.index.ids()
+        (staging / "vectors.faiss").write_bytes(self.index.to_bytes())
+        np.save(staging / "ids.npy", ids)
+        self.catalog.save(staging / "catalog.sqlite")
+        if not np.array_equal(self.catalog.ids(), ids):
+            raise FashsimError("index and catalog disagree on their ids; refusing to save an inconsistent collection")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "embedding_dim": self.dim,
+            "kind": self.index.kind,
+            "params": self.index.params,
+            "count": len(ids),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "sha256": {name: _sha256(staging / name) for name in FILES},
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for name in (*FILES, "manifest.json"):
+            _fsync(staging / name)
+        final = directory / version
+        os.replace(staging, final)
+        _fsync_dir(directory)
+        pointer = directory / ".CURRENT.tmp"
+        pointer.write_text(version)
+        _fsync(pointer)
+        os.replace(pointer, directory / "CURRENT")
+        _fsync_dir(directory)
+        for old in directory.iterdir():  # earlier versions and abandoned partial saves
+            if old.is_dir() and old.name != version and (old.name.startswith("v-") or old.name.endswith(".partial")):
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, model=None, expected_dim: int | None = None,
+             use_gpu: bool | str = "auto") -> "Collection":
+        """Load the current version of ``directory``. With ``model`` (an EmbeddingNet), refuse an
+        index built by another model; checksums guard against truncated or corrupted files."""
+        directory = Path(directory)
+        pointer = directory / "CURRENT"
+        if not pointer.is_file():
+            raise CorruptIndexError(f"no saved index in {directory} (CURRENT is missing): build it first "
+                                    "(notebook 03 or `python -m fashsim index`)")
+        version = directory / pointer.read_text().strip()
+        try:
+            manifest = json.loads((version / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CorruptIndexError(f"{version}: unreadable manifest ({exc})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CorruptIndexError(f"{version}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        for name in FILES:
+            path = version / name
+            if not path.is_file() or _sha256(path) != manifest["sha256"][name]:
+                raise CorruptIndexError(f"{path} is missing, truncated or corrupted (checksum mismatch); "
+                                        "rebuild the index")
+        if model is not None:
+            from .models import fingerprint
+
+            expected_dim = model.embedding_dim
+            actual = fingerprint(model)
+            if manifest["model_fingerprint"] != actual:
+                raise IndexMismatchError(
+                    f"the index in {directory} was built with model {manifest['model_fingerprint']}, "
+                    f"not with the loaded model {actual}: rebuild the index with this model "
+                    "(notebook 03 or `python -m fashsim index`)"
+                )
+        if expected_dim is not None and manifest["embedding_dim"] != expected_dim:
+            raise IndexMismatchError(f"the index holds {manifest['embedding_dim']}-d vectors, the model makes "
+                                     f"{expected_dim}-d embeddings: rebuild the index with this model")
+        collection = cls.__new__(cls)
+        collection.index = VectorIndex.from_bytes(
+            (version / "vectors.faiss").read_bytes(), np.load(version / "ids.npy"), kind=manifest["kind"],
+            dim=manifest["embedding_dim"], params=manifest["params"], use_gpu=use_gpu,
+        )
+        collection.catalog = CatalogDB.load(version / "catalog.sqlite")
+        collection.model_fingerprint = manifest["model_fingerprint"]
+        if len(collection.catalog) != len(collection.index):
+            raise CorruptIndexError(f"{version}: catalog and index disagree on the number of items")
+        return collection
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from fashsim import models
+from fashsim.errors import FashsimError
+from fashsim.images import IMAGENET_SPEC
+
+
+def test_small_cnn_embeddings_are_unit_vectors():
+    net = models.EmbeddingNet("small_cnn", embedding_dim=64).eval()
+    out = net(torch.randn(5, 1, 28, 28))
+    assert out.shape == (5, 64)
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert net.input_spec.size == 28 and net.input_spec.dark_background
+
+
+@pytest.mark.parametrize("name,channels,size", [("resnet18", 1, 64), ("mobilenet_v2", 3, 64), ("resnet50", 3, 32)])
+def test_torchvision_backbones_random_init(name, channels, size):
+    net = models.EmbeddingNet(name, in_channels=channels, weights=None).eval()
+    out = net(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 128)
+    assert net.input_spec == IMAGENET_SPEC
+
+
+def test_greyscale_first_conv_sums_rgb_filters():
+    torch.manual_seed(0)
+    rgb, _ = models.build_backbone("resnet18", in_channels=3)
+    torch.manual_seed(0)
+    grey, _ = models.build_backbone("resnet18", in_channels=1)
+    assert grey.conv1.weight.shape[1] == 1
+    assert torch.allclose(grey.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
+
+
+def test_imagenet_weights_offline_give_actionable_error(tmp_path, monkeypatch):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))  # an empty cache
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # refused at once, even on a networked machine
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    try:
+        with pytest.raises(models.WeightsUnavailableError) as info:
+            models.build_backbone("resnet18", in_channels=3, weights="imagenet")
+    finally:
+        torch.hub.set_dir(old)
+    message = str(info.value)
+    assert "resnet18-" in message and str(tmp_path) in message and "weights=None" in message
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        models.build_backbone("vit_h14")
+    with pytest.raises(ValueError, match="no pretrained"):
+        models.build_backbone("small_cnn", weights="imagenet")
+
+
+def test_save_load_round_trip_and_fingerprint(tmp_path):
+    net = models.EmbeddingNet("small_cnn").eval()
+    x = torch.randn(3, 1, 28, 28)
+    path = models.save_model(net, tmp_path / "m.pt", note="hello")
+    loaded = models.load_model(path)
+    assert torch.allclose(net(x), loaded(x), atol=1e-6)
+    assert models.fingerprint(net) == models.fingerprint(loaded)
+    with torch.no_grad():
+        loaded.projection.bias.add_(0.01)
+    assert models.fingerprint(net) != models.fingerprint(loaded)
+    assert all(t.device.type == "cpu" for t in torch.load(path, weights_only=True)["state_dict"].values())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unreadable_model_files(tmp_path):
+    with pytest.raises(FashsimError, match="no model"):
+        models.load_model(tmp_path / "absent.pt")
+    net = models.EmbeddingNet("small_cnn")
+    path = models.save_model(net, tmp_path / "m.pt")
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(FashsimError, match="not a readable fashsim model"):
+        models.load_model(path)

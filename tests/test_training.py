@@ -1,0 +1,120 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fashsim import training
+from fashsim.errors import FashsimError
+from fashsim.models import load_model
+
+TINY = dict(p=10, k=8, epochs=2, warmup_steps=5, lr_warmup_steps=5, val_max_items=None, patience=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(fmnist_train):
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(fmnist_train), 2400, replace=False)
+    return fmnist_train.subset(idx[:2000]), fmnist_train.subset(idx[2000:])
+
+
+def test_device_selection_and_amp_on_cpu():
+    device = training.select_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = training.select_device("cpu")
+    assert cpu.type == "cpu" and torch.get_num_threads() == os.cpu_count()
+    assert training.amp_enabled(training.TrainConfig(amp=True), cpu) is False
+    assert training.amp_enabled(training.TrainConfig(amp=True), torch.device("cuda")) is True
+    if not torch.cuda.is_available():
+        with pytest.raises(FashsimError, match="no CUDA GPU"):
+            training.select_device("cuda")
+
+
+def test_lr_schedule():
+    assert training.lr_factor(0, 0.0, 10) == pytest.approx(0.1)
+    assert training.lr_factor(50, 0.0, 10) == pytest.approx(1.0)
+    assert training.lr_factor(50, 0.5, 10) == pytest.approx(0.5)
+    assert training.lr_factor(50, 1.0, 10) == pytest.approx(0.0)
+
+
+def test_collapse_monitor():
+    monitor = training.CollapseMonitor(threshold=0.05, patience=3)
+    assert [monitor.update(s) for s in (0.01, 0.01, 0.5, 0.01, 0.01, 0.01, 0.01)] == [
+        False, False, False, False, False, True, False]
+
+
+def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    result = training.train(training.TrainConfig(**TINY, device="cpu"), train_set, val_set, tmp_path, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    for key in ("train_loss", "train_active_fraction", "train_hardest_pos", "train_hardest_neg", "train_spread",
+                "val_recall@1", "val_map@r", "images_per_second"):
+        assert key in result.history[-1]
+    assert result.best["val_recall@1"] > 0.5  # chance is 0.1
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert saved["device"] == "cpu" and saved["amp"] is False and len(saved["history"]) == 2
+    model = load_model(tmp_path / "model.pt")
+    assert model.embedding_dim == 128
+
+
+def test_cross_entropy_baseline_runs(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    config = training.TrainConfig(**TINY | {"epochs": 1}, loss="cross_entropy", device="cpu")
+    result = training.train(config, train_set, val_set, tmp_path, progress=False)
+    assert result.history[0]["val_recall@1"] > 0.4
+
+
+def test_resume_continues_and_refuses_other_configs(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    first = training.train(training.TrainConfig(**TINY | {"epochs": 1}), train_set, val_set, tmp_path, progress=False)
+    more = training.train(training.TrainConfig(**TINY | {"epochs": 2}), train_set, val_set, tmp_path, progress=False)
+    assert len(more.history) == 2 and more.history[0] == first.history[0]
+    assert more.history[1]["steps"] == 2 * first.history[0]["steps"]
+    with pytest.raises(FashsimError, match="different configuration.*margin"):
+        training.train(training.TrainConfig(**TINY | {"margin": 0.5}), train_set, val_set, tmp_path, progress=False)
+
+
+def test_time_budget_stops(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    result = training.train(training.TrainConfig(**TINY | {"epochs": 50, "max_seconds": 2}), train_set, val_set,
+                            tmp_path, progress=False)
+    assert result.stopped == "time budget" and len(result.history) < 50
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from fashsim import fashion_mnist, training
+    data = fashion_mnist.load_fashion_mnist("train", download=False)
+    idx = np.random.default_rng(0).choice(len(data), 3000, replace=False)
+    cfg = training.TrainConfig(p=10, k=8, epochs=int(sys.argv[2]), warmup_steps=5, lr_warmup_steps=5,
+                               val_max_items=None, patience=None)
+    training.train(cfg, data.subset(idx[:2500]), data.subset(idx[2500:]), sys.argv[1], progress=False)
+""")
+
+
+def test_killed_mid_epoch_then_resumed(tmp_path):
+    """kill -9 during epoch 2 leaves epoch 1's checkpoint intact; a rerun resumes from it."""
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "30"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # now inside epoch 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads((out / "history.json").read_text())["history"]
+    assert 1 <= len(done) < 30
+    resumed = subprocess.run([sys.executable, str(script), str(out), str(len(done) + 1)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out / 'checkpoint.pt'}" in resumed.stdout
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert len(history) == len(done) + 1 and history[: len(done)] == done
