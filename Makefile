@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python -m fashsim bench
+	$(BIN)/python benchmarks/run_all.py
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

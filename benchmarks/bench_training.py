@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     train_set, val_set = fashion_mnist.load_train_val()
     test = fashion_mnist.load_fashion_mnist("test")
-    base = TrainConfig(device=args.device, max_seconds=args.budget, epochs=1000, patience=None)
+    base = TrainConfig.budgeted(args.budget, device=args.device)
     report = {
         "triplet": run(base, "triplet", train_set, val_set, test),
         "cross_entropy": run(replace(base, loss="cross_entropy"), "cross_entropy", train_set, val_set, test),

@@ -57,6 +57,62 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .fashion_mnist import load_train_val
+    from .paths import default_model_path
+    from .training import TrainConfig, train
+
+    config = TrainConfig(mining=args.mining, margin=args.margin, epochs=args.epochs, max_seconds=args.budget,
+                         device=args.device, seed=args.seed)
+    out = args.out or default_model_path().parent
+    train_set, val_set = load_train_val(seed=args.seed)
+    result = train(config, train_set, val_set, out, resume=not args.fresh)
+    print(f"best epoch {result.best.get('epoch')}: val R@1 {result.best.get('val_recall@1', 0):.4f}, "
+          f"MAP@R {result.best.get('val_map@r', 0):.4f}; model: {out}/model.pt ({result.stopped})")
+    return 0
+
+
+def _cmd_index(args) -> int:
+    from .models import load_model
+    from .paths import default_model_path
+    from .searcher import default_index_dir, index_fashion_mnist
+
+    model = load_model(args.model or default_model_path())
+    collection = index_fashion_mnist(model, kind=args.kind)
+    target = args.out or default_index_dir()
+    collection.save(target)
+    print(f"indexed {len(collection)} Fashion-MNIST items ({collection.index.kind}) -> {target}")
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from .paths import default_model_path
+    from .searcher import Searcher, default_index_dir
+
+    searcher = Searcher.from_paths(args.model or default_model_path(), args.index or default_index_dir())
+    hits = searcher.search(args.image, k=args.k, category=args.category)
+    if args.json:
+        print(json.dumps([hit.__dict__ for hit in hits], indent=2))
+    else:
+        for hit in hits:
+            print(f"{hit.rank:3d}  {hit.score:.4f}  {hit.category:12s}  {hit.source}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .fashion_mnist import load_fashion_mnist
+    from .metrics import retrieval_metrics
+    from .models import load_model
+    from .paths import default_model_path
+    from .training import embed_arrays
+
+    model = load_model(args.model or default_model_path())
+    test = load_fashion_mnist("test")
+    scores = retrieval_metrics(embed_arrays(model, test.images), test.labels, ks=(1, 5, 10))
+    print(json.dumps({k: round(v, 4) for k, v in scores.items()}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fashsim", description="Fashion image similarity search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +134,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     run.set_defaults(func=_cmd_run)
+
+    train = sub.add_parser("train", help="train the triplet model on Fashion-MNIST (resumes if interrupted)")
+    train.add_argument("--budget", type=float, default=540.0, help="training seconds (default 540)")
+    train.add_argument("--epochs", type=int, default=1000, help="epoch limit (default: the budget decides)")
+    train.add_argument("--mining", default="batch_all", choices=["batch_all", "batch_hard", "semi_hard"])
+    train.add_argument("--margin", type=float, default=0.2)
+    train.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", help="output folder (default data/models/triplet)")
+    train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    train.set_defaults(func=_cmd_train)
+
+    index = sub.add_parser("index", help="embed all 70 000 Fashion-MNIST images and save a FAISS index")
+    index.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
+    index.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    index.add_argument("--out", help="index folder (default data/index/fashion-mnist)")
+    index.set_defaults(func=_cmd_index)
+
+    search = sub.add_parser("search", help="the catalog items most similar to an image")
+    search.add_argument("image", help="an image file (JPEG, PNG, WebP, ...)")
+    search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("--category", help="only items of this category")
+    search.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
+    search.add_argument("--index", help="index folder (default data/index/fashion-mnist)")
+    search.add_argument("--json", action="store_true", help="print JSON")
+    search.set_defaults(func=_cmd_search)
+
+    evaluate = sub.add_parser("evaluate", help="leave-one-out retrieval metrics on the Fashion-MNIST test split")
+    evaluate.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
+    evaluate.set_defaults(func=_cmd_evaluate)
     return parser
 
 

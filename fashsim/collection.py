@@ -240,8 +240,8 @@ class Collection:
         )
         collection.catalog = CatalogDB.load(version / "catalog.sqlite")
         collection.model_fingerprint = manifest["model_fingerprint"]
-        if len(collection.catalog) != len(collection.index):
-            raise CorruptIndexError(f"{version}: catalog and index disagree on the number of items")
+        if not np.array_equal(collection.catalog.ids(), collection.index.ids()):
+            raise CorruptIndexError(f"{version}: the catalog and the index hold different ids; rebuild the index")
         return collection
 
 

@@ -11,8 +11,9 @@
 
 ``add`` refuses ids already present (use ``upsert`` to replace), ``remove`` needs no rebuild
 (HNSW graphs cannot delete nodes, so removed ids are masked at search time and physically
-dropped at the next ``compact``). Filters are id sets (:meth:`search` ``allowed_ids``): small sets
-are searched exactly, large ones through a FAISS ``IDSelector``. The GPU is used for ``flat`` and
+dropped at the next ``compact``). Filters are id sets (:meth:`search` ``allowed_ids``) applied
+inside FAISS with an ``IDSelector``, with an exact fallback when a filter is too selective for
+the graph or the inverted lists to return ``k`` matches. The GPU is used for ``flat`` and
 ``ivfpq`` when faiss-gpu and a GPU are present (:attr:`device` says where the index lives).
 """
 
@@ -25,8 +26,6 @@ from .errors import FashsimError
 KINDS = ("flat", "hnsw", "ivfpq", "auto")
 AUTO_HNSW_FROM = 200_000
 AUTO_IVFPQ_FROM = 5_000_000
-#: filters allowing at most this many ids are answered by an exact search over just those ids.
-EXACT_FILTER_MAX = 50_000
 
 
 class VectorIndexError(FashsimError):
@@ -45,6 +44,13 @@ def choose_kind(n_items: int) -> str:
     if n_items < AUTO_HNSW_FROM:
         return "flat"
     return "hnsw" if n_items < AUTO_IVFPQ_FROM else "ivfpq"
+
+
+def _search_with_params(index, x: np.ndarray, k: int, params):
+    """``index.search`` with FAISS SearchParameters, also when ``faiss.contrib.torch_utils`` (imported
+    by e.g. pytorch-metric-learning) has replaced ``search`` by a version without ``params``."""
+    search = getattr(index, "search_numpy", None) or index.search
+    return search(x, k, params=params)
 
 
 def _as_matrix(vectors, dim: int) -> np.ndarray:
@@ -204,18 +210,26 @@ class VectorIndex:
         """The stored vectors of ``ids`` (approximate for ivfpq)."""
         import faiss
 
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        index = faiss.index_gpu_to_cpu(self._index) if self.device != "cpu" else self._index
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
         if len(ids) == 0:
             return np.empty((0, self.dim), np.float32)
-        return np.vstack([index.reconstruct(int(i)) for i in ids])
+        index = faiss.index_gpu_to_cpu(self._index) if self.device != "cpu" else self._index
+        try:
+            return index.reconstruct_batch(ids)
+        except RuntimeError:  # kinds without a batch reconstruction
+            return np.vstack([index.reconstruct(int(i)) for i in ids])
 
     # ---------------------------------------------------------------- search
-    def search(self, queries: np.ndarray, k: int, *, allowed_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, allowed_ids=None,
+               filter_strategy: str = "auto") -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: ``(scores, ids)`` of shape ``(n_queries, k)``, best first,
         padded with score ``-inf`` and id ``-1`` when fewer items qualify.
 
-        ``allowed_ids`` restricts results to those ids (category filters and the like).
+        ``allowed_ids`` restricts results to those ids (category filters and the like): through a
+        FAISS IDSelector (``filter_strategy="selector"``, the fastest: see ``bench_search.py``), by
+        exact search over just those ids (``"exact"``), or ``"auto"``: the selector, then an exact
+        search for the queries it left short of ``k`` (HNSW graphs can miss matches of very
+        selective filters).
         """
         import faiss
 
@@ -229,15 +243,25 @@ class VectorIndex:
             scores, ids = self._index.search(q, k)
             return _pad(scores, ids, k)
         if allowed_ids is not None:
+            if filter_strategy not in ("auto", "exact", "selector"):
+                raise ValueError(f"filter_strategy must be auto, exact or selector, got {filter_strategy!r}")
             allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
             if self._deleted:
                 allowed = allowed[~np.isin(allowed, np.fromiter(self._deleted, np.int64))]
-            if len(allowed) <= EXACT_FILTER_MAX:
-                return self._exact_subset(q, k, np.intersect1d(allowed, self._ids))
-            selector = faiss.IDSelectorBatch(allowed)
-        else:
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._deleted, np.int64)))
-        scores, ids = self._index.search(q, k, params=self._search_params(selector))
+            if filter_strategy == "exact":
+                return self._exact_subset(q, k, np.intersect1d(allowed, self._ids, assume_unique=True))
+            selector = faiss.IDSelectorBatch(allowed)  # ids not in the index simply never match
+            scores, ids = _pad(*_search_with_params(self._index, q, k, self._search_params(selector)), k)
+            short = (ids >= 0).sum(1) < k
+            if filter_strategy == "auto" and short.any():
+                # graph and IVF search can miss matches of a very selective filter: redo those rows exactly
+                present = np.intersect1d(allowed, self._ids, assume_unique=True)
+                short &= (ids >= 0).sum(1) < min(k, len(present))
+                if short.any():
+                    scores[short], ids[short] = self._exact_subset(q[short], k, present)
+            return scores, ids
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._deleted, np.int64)))
+        scores, ids = _search_with_params(self._index, q, k, self._search_params(selector))
         return _pad(scores, ids, k)
 
     def _search_params(self, selector):

@@ -107,3 +107,96 @@ def retrieval_metrics(
     n = int(has_relevant.sum())
     return {name: float(value / n) for name, value in totals.items()}
 
+
+
+def mean_average_precision(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    query_embeddings: np.ndarray | None = None,
+    query_labels: np.ndarray | None = None,
+    chunk_size: int = 256,
+) -> float:
+    """mAP over the *full* ranking of the gallery (every relevant item counts, however deep),
+    leave-one-out or query-vs-gallery like :func:`retrieval_metrics`. Chunked matrix products:
+    memory grows with ``chunk_size × gallery size``, never with gallery size squared."""
+    labels = np.asarray(labels)
+    gallery = _normalise(embeddings)
+    leave_one_out = query_embeddings is None
+    queries = gallery if leave_one_out else _normalise(query_embeddings)
+    query_labels = labels if leave_one_out else np.asarray(query_labels)
+    total, counted = 0.0, 0
+    for start in range(0, len(queries), chunk_size):
+        stop = min(start + chunk_size, len(queries))
+        sims = queries[start:stop] @ gallery.T
+        if leave_one_out:
+            sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # the query itself
+        order = np.argsort(-sims, axis=1, kind="stable")
+        relevant = labels[order] == query_labels[start:stop, None]
+        if leave_one_out:
+            relevant[:, -1] = False  # the query itself sorts last
+        n_relevant = relevant.sum(1)
+        precision = np.cumsum(relevant, axis=1) / np.arange(1, relevant.shape[1] + 1)
+        ap = (precision * relevant).sum(1) / np.maximum(n_relevant, 1)
+        total += ap[n_relevant > 0].sum()
+        counted += int((n_relevant > 0).sum())
+    return float(total / counted) if counted else 0.0
+
+
+def triplet_accuracy(embeddings: np.ndarray, labels: np.ndarray, *, n_triplets: int = 100_000,
+                     seed: int = 0) -> float:
+    """Share of random triplets (anchor, positive of its class, negative of another class) with
+    ``cos(a, p) > cos(a, n)`` — the "triplet accuracy" some papers report."""
+    x = _normalise(embeddings)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    eligible = np.concatenate([idx for idx in by_class.values() if len(idx) >= 2])
+    if len(by_class) < 2 or len(eligible) == 0:
+        raise ValueError("triplets need at least two classes and a class with two items")
+    anchors = rng.choice(eligible, n_triplets)
+    positives = np.empty(n_triplets, np.int64)
+    negatives = np.empty(n_triplets, np.int64)
+    for c, idx in by_class.items():
+        mask = labels[anchors] == c
+        m = int(mask.sum())
+        if not m:
+            continue
+        # a positive different from the anchor: shift by a random non-zero offset within the class
+        position = np.searchsorted(idx, anchors[mask])
+        positives[mask] = idx[(position + rng.integers(1, len(idx), m)) % len(idx)]
+        others = np.flatnonzero(labels != c)
+        negatives[mask] = rng.choice(others, m)
+    ap = np.einsum("ij,ij->i", x[anchors], x[positives])
+    an = np.einsum("ij,ij->i", x[anchors], x[negatives])
+    return float(np.mean(ap > an))
+
+
+def knn_predict(embeddings: np.ndarray, labels: np.ndarray, *, k: int = 10,
+                query_embeddings: np.ndarray | None = None) -> np.ndarray:
+    """Predicted class of each query by a similarity-weighted vote of its ``k`` nearest gallery
+    items (leave-one-out when ``query_embeddings`` is None)."""
+    labels = np.asarray(labels)
+    leave_one_out = query_embeddings is None
+    queries = embeddings if leave_one_out else query_embeddings
+    sims, idx = knn(queries, embeddings, k, exclude_self=leave_one_out)
+    classes = np.unique(labels)
+    votes = np.zeros((len(queries), len(classes)))
+    position = np.searchsorted(classes, labels[idx])
+    np.add.at(votes, (np.arange(len(queries))[:, None].repeat(idx.shape[1], 1), position), np.maximum(sims, 0) + 1e-6)
+    return classes[votes.argmax(1)]
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n_classes, n_classes)`` counts: rows are true classes, columns predicted ones."""
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    return sk_confusion(true, predicted, labels=np.arange(n_classes))
+
+
+def per_class_recall_at_1(embeddings: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Recall@1 (leave-one-out) for each class separately."""
+    labels = np.asarray(labels)
+    _, idx = knn(embeddings, embeddings, 1, exclude_self=True)
+    hit = labels[idx[:, 0]] == labels
+    return {int(c): float(hit[labels == c].mean()) for c in np.unique(labels)}

@@ -23,6 +23,11 @@ PROFILES: dict[str, dict[str, dict]] = {
         "dataset_prep": {"val_fraction": 0.1, "samples_per_class": 6},
         "triplet_training": {"train_subset": 3000, "epochs": 2, "max_seconds": 30, "p": 10, "k": 8},
         "faiss_indexing": {"max_per_split": 2000, "compare_queries": 200, "quick_train_seconds": 20},
+        "evaluation": {"eval_size": 1500, "quick_train_seconds": 20, "baseline_budget_seconds": 8,
+                       "open_set_budget_seconds": 8},
+        "embedding_umap": {"n_points": 600, "quick_train_seconds": 20},
+        "search_demo": {"quick_train_seconds": 20},
+        "report_figures": {"quick_train_seconds": 20},
     },
 }
 

@@ -75,16 +75,25 @@ class Searcher:
         return prepare_image(load_image(image), self.spec)
 
     @torch.inference_mode()
+    def embed_prepared(self, prepared: np.ndarray) -> np.ndarray:
+        """Embedding ``(1, dim)`` of an image already in the model's format (:meth:`prepare`)."""
+        x = to_tensor(np.asarray(prepared)[None], self.spec).to(self.device)
+        return self.model(x.contiguous(memory_format=torch.channels_last)).cpu().numpy()
+
     def embed(self, image) -> np.ndarray:
         """The query's embedding, shape ``(1, dim)``."""
-        x = to_tensor(self.prepare(image)[None], self.spec).to(self.device)
-        return self.model(x.contiguous(memory_format=torch.channels_last)).cpu().numpy()
+        return self.embed_prepared(self.prepare(image))
+
+    def search_prepared(self, prepared: np.ndarray, k: int = 10, *, category: str | None = None, where=None,
+                        log: bool = False) -> list[Hit]:
+        """:meth:`search` for an image already in the model's format (what the demo shows)."""
+        return self.collection.search(self.embed_prepared(prepared), k, category=category, where=where, log=log)[0]
 
     def search(self, image, k: int = 10, *, category: str | None = None, where=None,
                log: bool = False) -> list[Hit]:
         """The ``k`` most similar catalog items, best first. Bad images raise
         :class:`~fashsim.errors.InvalidImageError` with a readable message."""
-        return self.collection.search(self.embed(image), k, category=category, where=where, log=log)[0]
+        return self.search_prepared(self.prepare(image), k, category=category, where=where, log=log)
 
     def categories(self) -> list[str]:
         return list(self.collection.categories())
@@ -115,3 +124,18 @@ def default_index_dir() -> Path:
     from .paths import data_dir
 
     return data_dir() / "index" / "fashion-mnist"
+
+
+def load_or_build_index(model: EmbeddingNet, index_dir: str | os.PathLike | None = None) -> Collection:
+    """The saved Fashion-MNIST index of ``model`` (notebook 03), or — when there is none, or it
+    belongs to another model — a new one over all 70 000 images, saved for next time."""
+    from .collection import CorruptIndexError
+
+    index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
+    try:
+        return Collection.load(index_dir, model=model)
+    except (CorruptIndexError, IndexMismatchError) as exc:
+        print(f"building a new index ({exc})")
+    collection = index_fashion_mnist(model)
+    collection.save(index_dir)
+    return collection

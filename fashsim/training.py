@@ -76,6 +76,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def budgeted(cls, seconds: float, **overrides) -> "TrainConfig":
+        """The default recipe run for a wall-clock budget (no epoch limit, no early stopping)."""
+        return cls(**{"max_seconds": seconds, "epochs": 1000, "patience": None, **overrides})
+
 
 class CollapseMonitor:
     """Flags a collapse when the mean pairwise distance of a batch's (unit) embeddings stays below
@@ -201,7 +206,7 @@ def train(
     spec = model.input_spec
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    p = min(config.p, num_classes)
+    p = min(config.p, len(np.unique(train_data.labels)))  # e.g. open-set training sees fewer classes
     sampler = PKBatchSampler(train_data.labels, p=p, k=config.k, seed=config.seed)
     batch_size = p * config.k
     val_subset = _validation_subset(val_data, config.val_max_items, config.seed)
@@ -367,5 +372,4 @@ def load_or_train_default(model_path, *, max_seconds: float = 120.0, progress: b
         return load_model(model_path)
     print(f"no model at {model_path}: training the default recipe for {max_seconds:.0f} s first")
     train_set, val_set = load_train_val()
-    config = TrainConfig(max_seconds=max_seconds, epochs=1000, patience=None)
-    return train(config, train_set, val_set, model_path.parent, progress=progress).model
+    return train(TrainConfig.budgeted(max_seconds), train_set, val_set, model_path.parent, progress=progress).model

@@ -215,3 +215,84 @@ def index_comparison(rows: Sequence[Mapping], *, k: int = 10):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def confusion_heatmap(confusion: np.ndarray, class_names: Sequence[str], *, title: str = "kNN-vote confusion matrix"):
+    """Row-normalised confusion matrix (true class per row) with counts in the cells."""
+    cm = np.asarray(confusion)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def recall_at_k_curves(curves: Mapping[str, Mapping[int, float]]):
+    """Recall@K against K for several embeddings (``{name: {k: recall}}``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, points in curves.items():
+        ks = sorted(points)
+        ax.plot(ks, [points[k] for k in ks], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K")
+    ax.set_title("Recall@K")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def project_2d(embeddings: np.ndarray, *, method: str = "umap", seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """2-d coordinates of embeddings by ``umap`` (cosine metric), ``tsne`` or ``pca``; seeded."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    if method == "umap":
+        import umap
+
+        return umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, metric="cosine", random_state=seed).fit_transform(x)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        return TSNE(n_components=2, metric="cosine", init="pca", random_state=seed).fit_transform(x)
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    raise ValueError(f"method must be umap, tsne or pca, got {method!r}")
+
+
+def embedding_map(coords: np.ndarray, labels, class_names: Sequence[str], *, ax=None, title: str = "",
+                  thumbnails: np.ndarray | None = None, n_thumbnails: int = 60, seed: int = 0):
+    """Scatter of 2-d coordinates coloured by category, optionally with image thumbnails."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    labels = np.asarray(labels)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    cmap = plt.get_cmap("tab10")
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        if mask.any():
+            ax.scatter(coords[mask, 0], coords[mask, 1], s=3, color=cmap(c % 10), label=name, alpha=0.7)
+    if thumbnails is not None:
+        rng = np.random.default_rng(seed)
+        for i in rng.choice(len(coords), min(n_thumbnails, len(coords)), replace=False):
+            box = AnnotationBbox(OffsetImage(thumbnails[i], cmap="gray", zoom=0.6), coords[i], frameon=False)
+            ax.add_artist(box)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    ax.legend(markerscale=4, fontsize=7, loc="best")
+    return fig if fig is not None else ax.figure

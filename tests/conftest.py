@@ -26,3 +26,29 @@ def project_home(tmp_path, monkeypatch):
     """An empty project folder for outputs (data/, reports/), so tests never touch the real ones."""
     monkeypatch.setenv("FASHSIM_HOME", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def small_searcher():
+    """A Searcher over the first 2000 test images with an untrained (BatchNorm-calibrated) model:
+    enough to check the plumbing, since an image's own copy in the catalog is its nearest neighbour."""
+    import torch
+
+    from fashsim.models import EmbeddingNet
+    from fashsim.searcher import Searcher, index_fashion_mnist
+
+    from fashsim.images import FASHION_MNIST_SPEC, to_tensor
+
+    torch.manual_seed(0)
+    model = EmbeddingNet("small_cnn")
+    for module in model.modules():  # calibrate BatchNorm statistics on real images (cumulative average)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():  # random but well-spread features
+        images = fashion_mnist.load_fashion_mnist("train", download=False).images[:6000]
+        for start in range(0, len(images), 500):
+            model(to_tensor(images[start : start + 500], FASHION_MNIST_SPEC))
+    model.eval()
+    collection = index_fashion_mnist(model, splits=("test",), max_per_split=2000, kind="flat")
+    return Searcher(model, collection, threads=None)

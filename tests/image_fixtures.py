@@ -16,6 +16,11 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 array."""
+    return encode(Image.fromarray(array), "PNG")
+
+
 def product_photo(size=(300, 400), garment_value=60, seed=0) -> Image.Image:
     """A dark 'garment' (a trouser-like shape) on a white background, like a catalog shot."""
     rng = np.random.default_rng(seed)

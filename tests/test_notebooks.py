@@ -90,6 +90,90 @@ def test_03_faiss_indexing_saves_a_loadable_index(smoke_run):
     assert len(hits) == 5 and {h.category for h in hits} == {"Trouser"}
 
 
+def test_04_evaluation_metrics_match_an_independent_implementation(smoke_run, fmnist_test):
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from fashsim.models import load_model
+    from fashsim.training import embed_arrays
+
+    home, executed = smoke_run
+    assert _images_shown(executed["04_evaluation.ipynb"]) >= 3
+    report = json.loads((home / "reports" / "metrics.json").read_text())
+    closed = report["closed_set"]
+    assert report["eval_items"] == 1500
+    assert set(closed) == {"triplet (ours)", "cross-entropy, same budget", "untrained CNN", "PCA-128 of pixels",
+                           "raw pixels"}
+    ours = closed["triplet (ours)"]
+    assert ours["recall@1"] > closed["untrained CNN"]["recall@1"]
+    assert ours["map@r"] > closed["raw pixels"]["map@r"]
+    # recompute with pytorch-metric-learning from the saved model
+    model = load_model(home / "data" / "models" / "triplet" / "model.pt")
+    emb = torch.from_numpy(embed_arrays(model, fmnist_test.images[:1500]))
+    ref = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count").get_accuracy(
+        emb, torch.from_numpy(fmnist_test.labels[:1500]))
+    assert ours["recall@1"] == pytest.approx(ref["precision_at_1"], abs=1e-6)
+    assert ours["map@r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-5)
+    assert sum(map(sum, report["confusion_matrix"])) == 1500
+    assert report["open_set"]["holdout"] == ["Coat", "Shirt", "Sneaker"]
+    assert 0 < report["open_set"]["open-set model, unseen categories"]["recall@1"] <= 1
+    for name in ("04_recall_at_k", "04_confusion_matrix"):
+        assert (home / "reports" / "figures" / f"{name}.png").exists()
+
+
+def test_05_umap_maps_raw_and_trained(smoke_run):
+    home, executed = smoke_run
+    assert _images_shown(executed["05_embedding_umap.ipynb"]) >= 1
+    assert (home / "reports" / "figures" / "05_umap_raw_vs_trained.png").stat().st_size > 20000
+
+
+def test_06_demo_runs_a_scripted_search(smoke_run):
+    home, executed = smoke_run
+    nb = executed["06_search_demo.ipynb"]
+    text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert "ok - [(1, " in text and "HTML" in text and "and the next search works: 10 results" in text
+    assert _images_shown(nb) >= 1
+    assert (home / "reports" / "figures" / "06_demo_search.png").exists()
+
+
+def test_07_report_is_regenerated_from_the_outputs(smoke_run):
+    import re
+
+    home, _ = smoke_run
+    report = (home / "reports" / "REPORT.md").read_text()
+    metrics = json.loads((home / "reports" / "metrics.json").read_text())
+    ours = metrics["closed_set"]["triplet (ours)"]["recall@1"]
+    assert f"| triplet (ours) | {round(ours, 4):.4g} |" in report  # the table quotes metrics.json
+    links = re.findall(r"\(figures/([\w.]+\.png)\)", report)
+    assert len(links) >= 5 and all((home / "reports" / "figures" / name).exists() for name in links)
+    assert "not generated" not in report
+
+
+def test_cli_search_and_evaluate_on_the_pipeline_outputs(smoke_run, tmp_path, fmnist_test):
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    home, _ = smoke_run
+    env = {**os.environ, "FASHSIM_HOME": str(home)}
+    query = tmp_path / "query.png"
+    Image.fromarray(fmnist_test.images[1]).save(query)  # test image 1 is in the smoke index (id 60001)
+    found = subprocess.run([sys.executable, "-m", "fashsim", "search", str(query), "-k", "3"],
+                           capture_output=True, text=True, env=env)
+    assert found.returncode == 0, found.stderr
+    first = found.stdout.splitlines()[0].split()
+    assert first[0] == "1" and float(first[1]) > 0.999 and first[-1] == "fashion-mnist:test:1"
+    page = tmp_path / "page.jpg"
+    page.write_text("<html><body>not a photo</body></html>")
+    refused = subprocess.run([sys.executable, "-m", "fashsim", "search", str(page)], capture_output=True, text=True,
+                             env=env)
+    assert refused.returncode == 1 and "HTML" in refused.stderr and "Traceback" not in refused.stderr
+    scores = subprocess.run([sys.executable, "-m", "fashsim", "evaluate"], capture_output=True, text=True, env=env)
+    assert scores.returncode == 0 and json.loads(scores.stdout)["recall@1"] > 0.6
+
+
 def test_failing_notebook_is_named(tmp_path, project_home):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
