@@ -273,7 +273,7 @@ def project_2d(embeddings: np.ndarray, *, method: str = "umap", seed: int = 0, n
 
 
 def embedding_map(coords: np.ndarray, labels, class_names: Sequence[str], *, ax=None, title: str = "",
-                  thumbnails: np.ndarray | None = None, n_thumbnails: int = 60, seed: int = 0):
+                  thumbnails: np.ndarray | None = None, n_thumbnails: int = 30, seed: int = 0):
     """Scatter of 2-d coordinates coloured by category, optionally with image thumbnails."""
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
@@ -289,7 +289,7 @@ def embedding_map(coords: np.ndarray, labels, class_names: Sequence[str], *, ax=
     if thumbnails is not None:
         rng = np.random.default_rng(seed)
         for i in rng.choice(len(coords), min(n_thumbnails, len(coords)), replace=False):
-            box = AnnotationBbox(OffsetImage(thumbnails[i], cmap="gray", zoom=0.6), coords[i], frameon=False)
+            box = AnnotationBbox(OffsetImage(thumbnails[i], cmap="gray", zoom=0.45), coords[i], frameon=False)
             ax.add_artist(box)
     ax.set_xticks([])
     ax.set_yticks([])
