@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .collection import Collection, Hit, IndexMismatchError
+from .collection import Collection, CorruptIndexError, Hit, IndexMismatchError
+from .fashion_mnist import load_fashion_mnist
 from .images import load_image, prepare_image, to_tensor
 from .models import EmbeddingNet, fingerprint, load_model
+from .paths import data_dir
+from .training import embed_arrays
 
 FMNIST_PREFIX = "fashion-mnist:"
 
@@ -33,8 +36,6 @@ def fashion_mnist_source(split: str, index: int) -> str:
 
 @lru_cache(maxsize=2)
 def _fmnist_split(split: str):
-    from .fashion_mnist import load_fashion_mnist
-
     return load_fashion_mnist(split)
 
 
@@ -103,9 +104,6 @@ def index_fashion_mnist(model: EmbeddingNet, *, splits=("train", "test"), kind: 
                         max_per_split: int | None = None, batch_size: int = 1024, **index_params) -> Collection:
     """A collection over Fashion-MNIST splits (all 70 000 images by default; the first
     ``max_per_split`` of each split if given), ids ``0..59999`` for train and ``60000..69999`` for test."""
-    from .fashion_mnist import load_fashion_mnist
-    from .training import embed_arrays
-
     vectors, records = [], []
     for split in splits:
         data = load_fashion_mnist(split)
@@ -121,16 +119,12 @@ def index_fashion_mnist(model: EmbeddingNet, *, splits=("train", "test"), kind: 
 
 def default_index_dir() -> Path:
     """``data/index/fashion-mnist``: where notebook 03 saves the index over Fashion-MNIST."""
-    from .paths import data_dir
-
     return data_dir() / "index" / "fashion-mnist"
 
 
 def load_or_build_index(model: EmbeddingNet, index_dir: str | os.PathLike | None = None) -> Collection:
     """The saved Fashion-MNIST index of ``model`` (notebook 03), or — when there is none, or it
     belongs to another model — a new one over all 70 000 images, saved for next time."""
-    from .collection import CorruptIndexError
-
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
     try:
         return Collection.load(index_dir, model=model)

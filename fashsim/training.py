@@ -19,7 +19,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FashsimError
-from .fashion_mnist import ImageArrayDataset
-from .images import augment_batch, to_tensor
+from .fashion_mnist import ImageArrayDataset, load_train_val
+from .images import FASHION_MNIST_SPEC, augment_batch, to_tensor
 from .losses import pairwise_distances, triplet_loss
 from .metrics import retrieval_metrics
-from .models import EmbeddingNet, atomic_torch_save, save_model
+from .models import EmbeddingNet, atomic_torch_save, load_model, save_model
 from .sampler import PKBatchSampler
 
 CHECKPOINT = "checkpoint.pt"
@@ -184,9 +184,13 @@ def train(
     seed_everything(config.seed)
 
     num_classes = len(train_data.class_names)
-    model = EmbeddingNet(
+    if train_data.images.ndim != 3:
+        raise FashsimError("train() takes greyscale images (N, H, W) held in memory, such as Fashion-MNIST")
+    model = EmbeddingNet(  # any backbone, fed the in-memory greyscale images as they are
         config.backbone,
         embedding_dim=config.embedding_dim,
+        in_channels=1,
+        input_spec=replace(FASHION_MNIST_SPEC, size=train_data.images.shape[1]),
         num_classes=num_classes if config.loss == "cross_entropy" else 0,
     ).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -316,8 +320,6 @@ def train(
             stopped = "early stopping"
             break
 
-    from .models import load_model
-
     best_model = load_model(out_dir / BEST_MODEL, device=device) if (out_dir / BEST_MODEL).is_file() else model.eval()
     return TrainResult(best_model, state["history"], state["best"], out_dir, stopped)
 
@@ -364,9 +366,6 @@ def _restore(path, config, model, optimizer, scaler, generator) -> dict:
 def load_or_train_default(model_path, *, max_seconds: float = 120.0, progress: bool = True) -> EmbeddingNet:
     """The saved default model, or — when there is none yet — a quick one trained now with the
     default recipe and a ``max_seconds`` budget (so every notebook also runs standalone)."""
-    from .fashion_mnist import load_train_val
-    from .models import load_model
-
     model_path = Path(model_path)
     if model_path.is_file():
         return load_model(model_path)

@@ -63,6 +63,15 @@ def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
     assert model.embedding_dim == 128
 
 
+def test_torchvision_backbone_trains_on_greyscale_arrays(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    config = training.TrainConfig(**TINY | {"epochs": 1}, backbone="resnet18", embedding_dim=32)
+    result = training.train(config, train_set.subset(range(400)), val_set.subset(range(200)), tmp_path,
+                            progress=False)
+    assert result.model.config["backbone"] == "resnet18" and result.model.input_spec.channels == 1
+    assert load_model(tmp_path / "model.pt").embedding_dim == 32
+
+
 def test_cross_entropy_baseline_runs(tiny_data, tmp_path):
     train_set, val_set = tiny_data
     config = training.TrainConfig(**TINY | {"epochs": 1}, loss="cross_entropy", device="cpu")
