@@ -36,7 +36,7 @@ def _cmd_data(args) -> int:
     folder = fashion_mnist.find_fashion_mnist(args.path)
     if args.where:
         if folder is None:
-            raise FashsimError(fashion_mnist._not_found_message(args.path, None))
+            raise FashsimError(fashion_mnist.not_found_message(args.path, None))
         print(folder)
         return 0
     # --check (default): load both splits for real
@@ -89,7 +89,7 @@ def _cmd_search(args) -> int:
     from .paths import default_model_path
     from .searcher import Searcher, default_index_dir
 
-    searcher = Searcher.from_paths(args.model or default_model_path(), args.index or default_index_dir())
+    searcher = Searcher.from_paths(args.model or default_model_path(), args.index or default_index_dir(), threads=1)
     hits = searcher.search(args.image, k=args.k, category=args.category)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))

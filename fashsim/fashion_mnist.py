@@ -173,11 +173,12 @@ def download_fashion_mnist(
             target.unlink(missing_ok=True)
             failures.append(f"{mirror}{name}: checksum mismatch (md5 {actual}, expected {expected})")
         else:
-            raise DatasetNotFoundError(_not_found_message(None, failures))
+            raise DatasetNotFoundError(not_found_message(None, failures))
     return folder
 
 
-def _not_found_message(path, download_failures: list[str] | None) -> str:
+def not_found_message(path, download_failures: list[str] | None) -> str:
+    """The "not found" explanation: every place searched and every way to provide the files."""
     lines = ["Fashion-MNIST was not found. fashsim looked in:"]
     for origin, folder in candidate_dirs(path):
         if folder is None:
@@ -237,7 +238,7 @@ def load_fashion_mnist(
     folder = find_fashion_mnist(path)
     if folder is None:
         if not download:
-            raise DatasetNotFoundError(_not_found_message(path, None))
+            raise DatasetNotFoundError(not_found_message(path, None))
         folder = download_fashion_mnist()
     images_file, labels_file = (folder / name for name in FILES[split])
     images = read_idx(images_file)

@@ -338,8 +338,6 @@ class VectorIndex:
                                    f"expected {len(ids)} of dimension {dim}")
         self = cls(dim, kind, use_gpu=False, **params)
         self._index, self._ids = index, ids.copy()
-        if kind == "ivfpq":
-            self._quantizer = None
         if use_gpu and gpu_count() > 0 and kind != "hnsw":
             self._to_gpu()
         return self

@@ -51,7 +51,9 @@ class Searcher:
     """Model + transform + collection (see the module docstring)."""
 
     def __init__(self, model: EmbeddingNet, collection: Collection, *, check_fingerprint: bool = True,
-                 threads: int | None = 1) -> None:
+                 threads: int | None = None) -> None:
+        """``threads``: set torch's CPU threads for this process (1 gives the lowest single-query
+        latency: a tiny forward pass loses more to thread contention than it gains)."""
         if check_fingerprint and collection.model_fingerprint not in (None, fingerprint(model)):
             raise IndexMismatchError("the collection was built with another model: rebuild the index")
         if collection.dim != model.embedding_dim:
@@ -62,7 +64,6 @@ class Searcher:
         self.spec = model.input_spec
         self.device = next(model.parameters()).device
         if threads is not None and self.device.type == "cpu":
-            # one query is a tiny forward pass: extra threads cost more in contention than they gain
             torch.set_num_threads(threads)
 
     @classmethod

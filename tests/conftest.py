@@ -51,4 +51,4 @@ def small_searcher():
             model(to_tensor(images[start : start + 500], FASHION_MNIST_SPEC))
     model.eval()
     collection = index_fashion_mnist(model, splits=("test",), max_per_split=2000, kind="flat")
-    return Searcher(model, collection, threads=None)
+    return Searcher(model, collection)

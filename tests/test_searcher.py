@@ -61,7 +61,7 @@ def test_thumbnails_from_sources(fmnist_test, tmp_path):
 def test_from_paths_refuses_an_index_of_another_model(searcher, fmnist_test, tmp_path):
     searcher.collection.save(tmp_path / "index")
     save_model(searcher.model, tmp_path / "same.pt")
-    reloaded = Searcher.from_paths(tmp_path / "same.pt", tmp_path / "index", threads=None)
+    reloaded = Searcher.from_paths(tmp_path / "same.pt", tmp_path / "index")
     assert reloaded.search(png(fmnist_test.images[9]), k=1)[0].id == 60009
     save_model(EmbeddingNet("small_cnn"), tmp_path / "other.pt")
     with pytest.raises(IndexMismatchError, match="rebuild the index"):
