@@ -138,20 +138,31 @@ class Collection:
             results.append(hits)
         return results
 
-    def near_duplicates(self, threshold: float = 0.97) -> list[list[int]]:
-        """Groups of ids whose embeddings have cosine similarity ≥ ``threshold`` (connected
-        components of the FAISS range-search graph), largest first; singletons omitted."""
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
+    def near_duplicate_pairs(self, threshold: float = 0.99) -> list[tuple[int, int, float]]:
+        """Pairs of items whose embeddings have cosine similarity ≥ ``threshold`` (FAISS range
+        search), most similar first: ``(id_a, id_b, similarity)`` with ``id_a < id_b``."""
         ids = self.index.ids()
         if len(ids) < 2:
             return []
-        vectors = self.index.reconstruct(ids)
-        lims, _, neighbours = self.index.range_search(vectors, threshold)
-        rows = np.repeat(np.arange(len(ids)), np.diff(lims))
-        position = {int(v): p for p, v in enumerate(ids)}
-        cols = np.fromiter((position[int(v)] for v in neighbours), dtype=np.int64, count=len(neighbours))
+        lims, scores, neighbours = self.index.range_search(self.index.reconstruct(ids), threshold)
+        rows = np.repeat(ids, np.diff(lims))
+        keep = rows < neighbours  # each pair once, and not an item with itself
+        order = np.argsort(-scores[keep], kind="stable")
+        a, b, sim = rows[keep][order], neighbours[keep][order], scores[keep][order]
+        return [(int(x), int(y), float(z)) for x, y, z in zip(a, b, sim)]
+
+    def near_duplicates(self, threshold: float = 0.99) -> list[list[int]]:
+        """Groups of ids linked by :meth:`near_duplicate_pairs` (connected components), largest
+        first; singletons omitted. A low threshold chains merely similar items into big groups."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        pairs = self.near_duplicate_pairs(threshold)
+        if not pairs:
+            return []
+        ids = self.index.ids()
+        a, b, _ = (np.asarray(column) for column in zip(*pairs))
+        rows, cols = np.searchsorted(ids, a), np.searchsorted(ids, b)
         graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), len(ids)))
         _, labels = connected_components(graph, directed=False)
         groups = [ids[labels == c].tolist() for c in np.unique(labels)]

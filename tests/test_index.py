@@ -134,6 +134,10 @@ def test_near_duplicates(data):
     groups = c.near_duplicates(0.995)
     assert [1010, 1011] in groups and [1020, 1021] in groups
     assert all(len(g) >= 2 for g in groups)
+    pairs = c.near_duplicate_pairs(0.995)
+    assert pairs[0][:2] == (1010, 1011) and pairs[0][2] == pytest.approx(1.0, abs=1e-5)  # the exact copy first
+    assert (1020, 1021) in [p[:2] for p in pairs]
+    assert all(a < b for a, b, _ in pairs) and [p[2] for p in pairs] == sorted((p[2] for p in pairs), reverse=True)
 
 
 def test_search_history(data):
