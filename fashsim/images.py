@@ -234,11 +234,25 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, working_size: int | None
 
 
 def _trim_box(arr: np.ndarray, threshold: int) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero(arr.max(axis=1) > threshold)
-    cols = np.flatnonzero(arr.max(axis=0) > threshold)
+    """Bounding box of the rows/columns with more than 1 % of their pixels above ``threshold``
+    (at least one: a 28-px row counts a single pixel; a photo's stray noise pixels do not)."""
+    above = arr > threshold
+    rows = np.flatnonzero(above.sum(axis=1) > 0.01 * arr.shape[1])
+    cols = np.flatnonzero(above.sum(axis=0) > 0.01 * arr.shape[0])
     if rows.size == 0 or cols.size == 0:
         return None
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _background_level(grey: np.ndarray) -> int:
+    """Brightest value still counted as background. A clean black background (Fashion-MNIST itself,
+    a lossless render on white) has no noise: 0. A photo's background does: its border median plus
+    4 robust standard deviations, and at least 10 grey levels (JPEG noise)."""
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).astype(float)
+    median = np.median(border)
+    if median == 0:
+        return 0
+    return int(median + max(4 * 1.4826 * np.median(np.abs(border - median)), 10))
 
 
 def has_light_background(grey: np.ndarray) -> bool:
@@ -258,7 +272,7 @@ def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> n
         grey = np.asarray(image.convert("L"))
         if has_light_background(grey):
             grey = 255 - grey
-        box = _trim_box(grey, threshold=int(0.1 * 255))
+        box = _trim_box(grey, threshold=_background_level(grey))
         garment = Image.fromarray(grey).crop(box) if box else Image.fromarray(grey)
         scale = spec.size / max(garment.size)
         new_size = (max(1, round(garment.width * scale)), max(1, round(garment.height * scale)))

@@ -124,13 +124,9 @@ def test_product_photo_becomes_fashion_mnist_like():
 
 
 def test_fashion_mnist_image_survives_preparation(fmnist_test):
-    """A dataset image already is what the model saw: preparing it changes it little."""
-    errors = []
-    for i in range(50):
-        original = fmnist_test.images[i]
-        prepared = images.prepare_image(Image.fromarray(original))
-        errors.append(np.abs(prepared.astype(int) - original.astype(int)).mean())
-    assert np.median(errors) < 2  # most are reproduced exactly
+    """A dataset image already is what the model saw: preparing it again leaves it unchanged."""
+    same = [np.array_equal(images.prepare_image(Image.fromarray(img)), img) for img in fmnist_test.images[:300]]
+    assert np.mean(same) > 0.95
 
 
 def test_imagenet_spec_centre_crops():
