@@ -47,7 +47,7 @@ def image_grid(
     """Images in a grid, optionally titled."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_size, nrows * (cell_size + 0.25)), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_size, nrows * (cell_size + 0.5)), squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < n:
             _show(ax, images[i])
