@@ -7,8 +7,14 @@ The notebooks in ``notebooks/`` narrate; this package holds the logic, one modul
 * :mod:`fashsim.images` — safe decoding of any upload, transforms to the model's input
 * :mod:`fashsim.splits` — train/val/test and open-set splits
 * :mod:`fashsim.sampler` — P×K batches for online triplet mining
-* :mod:`fashsim.viz` — figures for notebooks and the report
-* :mod:`fashsim.pipeline` — run the notebooks headless with papermill
+* :mod:`fashsim.models` — backbones + projection head → L2-normalised embeddings
+* :mod:`fashsim.losses` — triplet losses with batch-hard / batch-all / semi-hard mining
+* :mod:`fashsim.training` — the training loop (checkpoints, resume, budget, collapse detection)
+* :mod:`fashsim.metrics` / :mod:`fashsim.evaluation` — retrieval metrics, baselines, open set
+* :mod:`fashsim.index` / :mod:`fashsim.catalog_db` / :mod:`fashsim.collection` — FAISS + SQLite, saved safely
+* :mod:`fashsim.searcher` — image in, ranked similar items out; :mod:`fashsim.demo` — the ipywidgets app
+* :mod:`fashsim.viz` / :mod:`fashsim.report` — figures and the report
+* :mod:`fashsim.pipeline` / :mod:`fashsim.cli` — run the notebooks headless; the command line
 """
 
 from .errors import DatasetFormatError, DatasetNotFoundError, FashsimError, InvalidImageError
