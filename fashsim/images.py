@@ -139,7 +139,7 @@ def _open(source) -> tuple[Image.Image, str]:
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidImageError(f"{name}: this is {_describe_non_image(data)}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidImageError(
             f"{name}: refused, it declares more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
             " (possible decompression bomb)"
