@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from fashsim import fashion_mnist, metrics
+from fashsim.evaluation import baseline_embeddings
 from fashsim.paths import models_dir, reports_dir
 from fashsim.training import TrainConfig, embed_arrays, train
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     report = {
         "triplet": run(base, "triplet", train_set, val_set, test),
         "cross_entropy": run(replace(base, loss="cross_entropy"), "cross_entropy", train_set, val_set, test),
-        "raw_pixels": evaluate(test.images.reshape(len(test), -1).astype(np.float32), test.labels),
+        "raw_pixels": evaluate(baseline_embeddings("raw_pixels", test.images), test.labels),
     }
     from pathlib import Path
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from .catalog_db import CatalogDB
 from .errors import FashsimError
+from .fileio import atomic_write_bytes, fsync_dir
 from .index import VectorIndex, choose_kind
 
 FORMAT_VERSION = 1
@@ -111,18 +112,15 @@ class Collection:
 
     # ------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int = 10, *, category: str | None = None,
-               where: Callable[[dict], bool] | None = None, exclude_ids=None, log: bool = False) -> list[list[Hit]]:
+               where: Callable[[dict], bool] | None = None, log: bool = False) -> list[list[Hit]]:
         """Top-``k`` hits per query, optionally only of ``category`` and/or records for which
-        ``where(record)`` is true; ``exclude_ids`` drops given ids (e.g. the query item itself)."""
+        ``where(record)`` is true."""
         allowed = None
         if category is not None:
             allowed = self.catalog.ids(category)
         if where is not None:
             matching = self.catalog.ids_where(where)
             allowed = matching if allowed is None else np.intersect1d(allowed, matching)
-        exclude = np.asarray([] if exclude_ids is None else exclude_ids, dtype=np.int64).ravel()
-        if len(exclude):
-            allowed = np.setdiff1d(self.index.ids() if allowed is None else allowed, exclude)
         scores, ids = self.index.search(queries, k, allowed_ids=allowed)
         results = []
         for row_scores, row_ids in zip(scores, ids):
@@ -197,12 +195,8 @@ class Collection:
             _fsync(staging / name)
         final = directory / version
         os.replace(staging, final)
-        _fsync_dir(directory)
-        pointer = directory / ".CURRENT.tmp"
-        pointer.write_text(version)
-        _fsync(pointer)
-        os.replace(pointer, directory / "CURRENT")
-        _fsync_dir(directory)
+        fsync_dir(directory)
+        atomic_write_bytes(directory / "CURRENT", version.encode())
         for old in directory.iterdir():  # earlier versions and abandoned partial saves
             if old.is_dir() and old.name != version and (old.name.startswith("v-") or old.name.endswith(".partial")):
                 shutil.rmtree(old, ignore_errors=True)
@@ -267,11 +261,3 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

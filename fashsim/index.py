@@ -219,6 +219,10 @@ class VectorIndex:
         except RuntimeError:  # kinds without a batch reconstruction
             return np.vstack([index.reconstruct(int(i)) for i in ids])
 
+    def _deleted_ids(self) -> np.ndarray:
+        """HNSW ids removed but still in the graph (masked at search time until :meth:`compact`)."""
+        return np.fromiter(self._deleted, np.int64, count=len(self._deleted))
+
     # ---------------------------------------------------------------- search
     def search(self, queries: np.ndarray, k: int, *, allowed_ids=None,
                filter_strategy: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +251,7 @@ class VectorIndex:
                 raise ValueError(f"filter_strategy must be auto, exact or selector, got {filter_strategy!r}")
             allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
             if self._deleted:
-                allowed = allowed[~np.isin(allowed, np.fromiter(self._deleted, np.int64))]
+                allowed = allowed[~np.isin(allowed, self._deleted_ids())]
             if filter_strategy == "exact":
                 return self._exact_subset(q, k, np.intersect1d(allowed, self._ids, assume_unique=True))
             selector = faiss.IDSelectorBatch(allowed)  # ids not in the index simply never match
@@ -260,7 +264,7 @@ class VectorIndex:
                 if short.any():
                     scores[short], ids[short] = self._exact_subset(q[short], k, present)
             return scores, ids
-        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._deleted, np.int64)))
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._deleted_ids()))
         scores, ids = _search_with_params(self._index, q, k, self._search_params(selector))
         return _pad(scores, ids, k)
 
@@ -306,7 +310,7 @@ class VectorIndex:
         lims, scores, ids = index.range_search(q, float(threshold))
         lims = lims.astype(np.int64)
         if self._deleted:
-            keep = ~np.isin(ids, np.fromiter(self._deleted, np.int64))
+            keep = ~np.isin(ids, self._deleted_ids())
             counts = np.add.reduceat(keep, lims[:-1]) if len(ids) else np.zeros(len(q), int)
             counts = np.where(np.diff(lims) > 0, counts, 0)
             lims = np.concatenate([[0], np.cumsum(counts)])

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FashsimError
+from .fileio import atomic_write_bytes
 from .images import FASHION_MNIST_SPEC, IMAGENET_SPEC, InputSpec
 
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "mobilenet_v2")
@@ -168,18 +169,10 @@ def fingerprint(model: EmbeddingNet) -> str:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file, fsync, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``torch.save`` written atomically (see :func:`fashsim.fileio.atomic_write_bytes`)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(buffer.getbuffer())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_model(model: EmbeddingNet, path: str | os.PathLike, **metadata) -> Path:

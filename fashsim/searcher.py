@@ -21,7 +21,7 @@ import torch
 
 from .collection import Collection, CorruptIndexError, Hit, IndexMismatchError
 from .fashion_mnist import load_fashion_mnist
-from .images import load_image, prepare_image, to_tensor
+from .images import load_image, prepare_image
 from .models import EmbeddingNet, fingerprint, load_model
 from .paths import data_dir
 from .training import embed_arrays
@@ -76,11 +76,9 @@ class Searcher:
         """The query as the model sees it (e.g. 28×28 greyscale, inverted): uint8 array."""
         return prepare_image(load_image(image), self.spec)
 
-    @torch.inference_mode()
     def embed_prepared(self, prepared: np.ndarray) -> np.ndarray:
         """Embedding ``(1, dim)`` of an image already in the model's format (:meth:`prepare`)."""
-        x = to_tensor(np.asarray(prepared)[None], self.spec).to(self.device)
-        return self.model(x.contiguous(memory_format=torch.channels_last)).cpu().numpy()
+        return embed_arrays(self.model, np.asarray(prepared)[None], device=self.device)
 
     def embed(self, image) -> np.ndarray:
         """The query's embedding, shape ``(1, dim)``."""

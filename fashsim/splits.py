@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+from .fileio import atomic_write_bytes
 
 
 def train_val_test_split(
@@ -67,22 +71,13 @@ def inshop_split(catalog) -> dict[str, np.ndarray]:
 
 def save_splits(path, splits: dict[str, np.ndarray], **metadata) -> None:
     """Write index arrays (and JSON-able metadata) to an ``.npz`` file, atomically."""
-    import json
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **{k: np.asarray(v, np.int64) for k, v in splits.items()}, __meta__=json.dumps(metadata))
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v, np.int64) for k, v in splits.items()}, __meta__=json.dumps(metadata))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_splits(path) -> tuple[dict[str, np.ndarray], dict]:
     """Read what :func:`save_splits` wrote: ``(splits, metadata)``."""
-    import json
-
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["__meta__"]))
         return {k: data[k] for k in data.files if k != "__meta__"}, meta

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .errors import FashsimError
 from .fashion_mnist import ImageArrayDataset, load_train_val
+from .fileio import atomic_write_bytes
 from .images import FASHION_MNIST_SPEC, augment_batch, to_tensor
 from .losses import pairwise_distances, triplet_loss
 from .metrics import retrieval_metrics
@@ -153,12 +154,6 @@ def _validation_subset(val: ImageArrayDataset, max_items: int | None, seed: int)
         return val
     rng = np.random.default_rng(seed)
     return val.subset(np.sort(rng.choice(len(val), max_items, replace=False)))
-
-
-def _atomic_json(data, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def train(
@@ -308,9 +303,9 @@ def train(
         else:
             state["bad_epochs"] += 1
         _checkpoint(checkpoint_path, config, model, optimizer, scaler, generator, state)
-        _atomic_json({"config": config.to_dict(), "device": str(device), "amp": use_amp,
+        atomic_write_bytes(out_dir / HISTORY, json.dumps({"config": config.to_dict(), "device": str(device), "amp": use_amp,
                       "history": state["history"], "best": state["best"],
-                      "collapse_steps": state.get("collapse_steps", [])}, out_dir / HISTORY)
+                      "collapse_steps": state.get("collapse_steps", [])}, indent=2).encode())
         print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val R@1 {metrics['recall@1']:.4f}  "
               f"MAP@R {metrics['map@r']:.4f}  {record['images_per_second']:.0f} img/s"
               + ("  *best*" if improved else ""), flush=True)
