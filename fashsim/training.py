@@ -133,20 +133,22 @@ def lr_factor(step: int, progress: float, warmup_steps: int) -> float:
     return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def embed_arrays(model: EmbeddingNet, images: np.ndarray, *, batch_size: int = 1024, device=None) -> np.ndarray:
-    """Embeddings ``(N, D)`` float32 of uint8 images, in eval mode, in batches."""
+    """Embeddings ``(N, D)`` float32 of uint8 images, in eval mode, in batches (also the path of a
+    single search query, so it touches the model's mode only when it must)."""
     device = device or next(model.parameters()).device
     spec = model.input_spec
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start : start + batch_size], spec).to(device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, model.embedding_dim), np.float32)
+        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    if was_training:
+        model.train()
+    return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
 
 
 def _validation_subset(val: ImageArrayDataset, max_items: int | None, seed: int) -> ImageArrayDataset:
