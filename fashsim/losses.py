@@ -13,10 +13,16 @@ embeddings the two are monotonic in each other (‖a−b‖² = 2·(1 − cos)).
 * **batch-all**: every valid triplet (a, p, n); the loss averages the non-zero ones.
 * **semi-hard**: triplets whose negative is farther than the positive but inside the margin,
   ``d(a,p) < d(a,n) < d(a,p) + margin`` (FaceNet's semi-hard negatives), averaged.
+
+Beyond triplets, :func:`angular_loss` (Wang et al. 2017, "Deep Metric Learning with Angular
+Loss") constrains the angle at the *negative* of each triangle instead of a distance difference,
+which makes it scale-invariant; it uses every positive pair of the P×K batch and all its
+negatives at once (the N-pair form).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +138,36 @@ def _distance_stats(d, pos, neg) -> dict[str, float]:
         "hardest_pos": d.masked_fill(~pos, float("-inf")).amax(1)[valid].mean().item(),
         "hardest_neg": d.masked_fill(~neg, float("inf")).amin(1)[valid].mean().item(),
     }
+
+
+def angular_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, alpha_degrees: float = 40.0) -> LossOutput:
+    """Angular loss in its N-pair form (Wang et al. 2017, eq. 8), as pytorch-metric-learning's
+    ``AngularLoss``: for every positive pair (a, p) of the batch, with unit vectors,
+
+    ``log(1 + Σ_n exp(4 tan²α (a + p)·n − 2 (1 + tan²α) a·p))``  over the negatives n of a,
+
+    averaged over the pairs. A term is positive ("active") when the angle at n of the triangle
+    (a, p, n) is wider than α, i.e. n sits too close to the pair's midpoint.
+    """
+    x = F.normalize(embeddings.float(), dim=1)
+    pos, neg = _masks(labels)
+    a_idx, p_idx = pos.nonzero(as_tuple=True)
+    if len(a_idx) == 0 or not neg.any():
+        return LossOutput(_zero_loss(embeddings), {"active_fraction": 0.0})
+    tan2 = math.tan(math.radians(alpha_degrees)) ** 2
+    anchors, positives = x[a_idx], x[p_idx]
+    ap_dot = (anchors * positives).sum(1, keepdim=True)  # (pairs, 1)
+    terms = 4.0 * tan2 * (anchors + positives) @ x.T - 2.0 * (1.0 + tan2) * ap_dot  # (pairs, B)
+    keep = neg[a_idx]  # the negatives of each pair's anchor
+    terms = terms.masked_fill(~keep, float("-inf"))
+    zeros = torch.zeros_like(ap_dot)  # the "1 +" inside the log
+    per_pair = torch.logsumexp(torch.cat([zeros, terms], dim=1), dim=1)
+    d = pairwise_distances(x)
+    return LossOutput(
+        per_pair.mean(),
+        {"active_fraction": ((terms > 0) & keep).float().sum().item() / max(1, int(keep.sum())),
+         "pairs": len(a_idx), **_distance_stats(d, pos, neg)},
+    )
 
 
 MINING = {

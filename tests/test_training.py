@@ -127,3 +127,41 @@ def test_killed_mid_epoch_then_resumed(tmp_path):
     assert f"resuming from {out / 'checkpoint.pt'}" in resumed.stdout
     history = json.loads((out / "history.json").read_text())["history"]
     assert len(history) == len(done) + 1 and history[: len(done)] == done
+
+
+def test_frozen_pretrained_backbone_trains_only_the_head_on_cached_features(tiny_data, tmp_path, monkeypatch,
+                                                                           project_home):
+    from fashsim import features
+
+    train_set, val_set = tiny_data
+    config = training.TrainConfig(**TINY | {"epochs": 3}, backbone="mobilenet_v2", weights="shipped",
+                                  freeze_backbone=True, image_size=32, embedding_dim=64, lr=1e-3)
+    calls = []
+    real_extract = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **kw: calls.append(len(a[1])) or real_extract(*a, **kw))
+    result = training.train(config, train_set, val_set, tmp_path / "run", progress=False)
+    assert calls == [len(train_set), len(val_set)]  # the backbone saw every image once
+    assert len(list((project_home / "data" / "cache" / "features").glob("features-*.npy"))) == 2
+    assert result.best["val_recall@1"] > 0.6  # chance is 0.1
+    untouched = training.EmbeddingNet("mobilenet_v2", weights="shipped", in_channels=3).backbone.state_dict()
+    trained = load_model(tmp_path / "run" / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(untouched.values(), trained.backbone.state_dict().values()))
+    assert trained.input_spec.size == 32 and trained.input_spec.channels == 3 and trained.input_spec.dark_background
+    # a second run with the same backbone and images reads the cached features back
+    again = training.train(config, train_set, val_set, tmp_path / "again", progress=False)
+    assert calls == [len(train_set), len(val_set)]
+    assert again.history[0]["val_recall@1"] == result.history[0]["val_recall@1"]
+    with pytest.raises(FashsimError, match="needs pretrained weights"):
+        training.train(training.TrainConfig(**TINY, freeze_backbone=True), train_set, val_set, tmp_path / "x",
+                       progress=False)
+
+
+def test_angular_loss_and_multi_scale_head_train(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    config = training.TrainConfig(**TINY | {"epochs": 1}, loss="angular", multi_scale=True, lr=1e-3)
+    result = training.train(config, train_set, val_set, tmp_path, progress=False)
+    assert result.history[0]["val_recall@1"] > 0.5  # chance is 0.1
+    assert 0 <= result.history[0]["train_active_fraction"] <= 1
+    assert load_model(tmp_path / "model.pt").config["multi_scale"] is True
+    with pytest.raises(ValueError, match="loss must be one of"):
+        training.train(training.TrainConfig(loss="contrastive"), train_set, val_set, tmp_path / "x", progress=False)
