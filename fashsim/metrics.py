@@ -70,10 +70,14 @@ def retrieval_metrics(
     query_labels: np.ndarray | None = None,
     ks: tuple[int, ...] = (1, 5, 10),
     chunk_size: int = 1024,
+    rerank=None,
+    rerank_depth: int = 100,
 ) -> dict[str, float]:
     """Recall@K, Precision@K, R-precision and MAP@R (see the module docstring), as fractions.
 
     Without ``query_embeddings`` every item queries all the others (leave-one-out).
+    ``rerank(query_rows, candidates)``, if given, reorders the first ``rerank_depth`` gallery ids
+    of each ranking (``query_rows``: the queries' positions; see :mod:`fashsim.reranking`).
     """
     labels = np.asarray(labels)
     leave_one_out = query_embeddings is None
@@ -92,6 +96,9 @@ def retrieval_metrics(
         chunk = slice(start, min(start + chunk_size, len(query_labels)))
         self_ids = np.arange(chunk.start, chunk.stop) if leave_one_out else None
         _, idx = _search(index, query_embeddings[chunk], depth, self_ids)
+        if rerank is not None:
+            top = min(rerank_depth, idx.shape[1])
+            idx[:, :top] = rerank(np.arange(chunk.start, chunk.stop), idx[:, :top])
         hits = labels[idx] == query_labels[chunk, None]
         mask = has_relevant[chunk]
         hits, r = hits[mask], relevant[chunk][mask]
