@@ -13,6 +13,8 @@ The notebooks in ``notebooks/`` narrate; this package holds the logic, one modul
 * :mod:`fashsim.losses` — triplet losses with batch-hard / batch-all / semi-hard mining
 * :mod:`fashsim.training` — the training loop (checkpoints, resume, budget, collapse detection)
 * :mod:`fashsim.metrics` / :mod:`fashsim.evaluation` — retrieval metrics, baselines, open set
+* :mod:`fashsim.reranking` — fractional-distance and k-reciprocal re-ranking of FAISS candidates
+* :mod:`fashsim.comparison` — training variants and re-rankers compared on equal terms (notebook 08)
 * :mod:`fashsim.index` / :mod:`fashsim.catalog_db` / :mod:`fashsim.collection` — FAISS + SQLite, saved safely
 * :mod:`fashsim.searcher` — image in, ranked similar items out; :mod:`fashsim.demo` — the ipywidgets app
 * :mod:`fashsim.viz` / :mod:`fashsim.report` — figures and the report

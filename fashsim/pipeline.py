@@ -28,6 +28,8 @@ PROFILES: dict[str, dict[str, dict]] = {
         "embedding_umap": {"n_points": 600, "quick_train_seconds": 20},
         "search_demo": {"quick_train_seconds": 20},
         "report_figures": {"quick_train_seconds": 20},
+        "beyond_triplets": {"budget_seconds": 3, "train_subset": 2000, "val_size": 500, "eval_size": 1000,
+                            "n_timed_queries": 20},
     },
 }
 

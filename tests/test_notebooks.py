@@ -149,6 +149,26 @@ def test_07_report_is_regenerated_from_the_outputs(smoke_run):
     assert "not generated" not in report
 
 
+def test_08_beyond_triplets_compares_every_variant_and_reranker(smoke_run):
+    from fashsim import comparison
+
+    home, executed = smoke_run
+    results = json.loads((home / "reports" / "beyond_triplets.json").read_text())
+    for setting in ("closed_set", "open_set"):
+        rows = results[setting]
+        assert [r["variant"] for r in rows] == list(comparison.VARIANTS)
+        assert all(0 < r[m] <= 1 for r in rows for m in comparison.METRICS)
+        assert all(r["train s"] >= results["budget_seconds"] * 0.9 and r["ms/query"] > 0 for r in rows)
+    assert len({r["map@r"] for r in results["closed_set"]}) > 1  # the variants really differ
+    rankings = [r["ranking"] for r in results["reranking_closed"]]
+    assert rankings[0].startswith("cosine") and any("Minkowski p=0.5" in r for r in rankings)
+    assert any(r.startswith("k-reciprocal") for r in rankings)
+    assert len(results["verdict"]["closed set, training"]) == len(comparison.VARIANTS) - 1
+    text = "".join(out.get("text", "") for cell in executed["08_beyond_triplets.ipynb"].cells
+                   for out in cell.get("outputs", []))
+    assert "closed set, training" in text and "saved" in text
+
+
 def test_cli_search_and_evaluate_on_the_pipeline_outputs(smoke_run, tmp_path, fmnist_test):
     import os
     import subprocess

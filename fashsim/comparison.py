@@ -1,0 +1,122 @@
+"""Beyond plain triplets: training variants and query-side re-rankers, compared on equal terms.
+
+The ideas of "Retrieving Similar E-Commerce Images Using Deep Learning" (arXiv 1901.03546) —
+a multi-scale embedding, the angular loss, fractional distances — next to our default recipe,
+plus k-reciprocal re-ranking. Every training variant gets the same data, backbone family and
+wall-clock budget (:func:`train_variants`); every ranking is scored with the same leave-one-out
+metrics and timed per query (:func:`compare_rankings`). Notebook 08 narrates the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .fashion_mnist import ImageArrayDataset
+from .metrics import knn, retrieval_metrics
+from .reranking import KReciprocalReranker, fractional_rerank
+from .training import TrainConfig, embed_arrays, train
+
+#: Training variants: TrainConfig overrides on top of the default recipe.
+VARIANTS: dict[str, dict] = {
+    "default (batch-all triplet)": {},
+    "batch-hard triplet": {"mining": "batch_hard"},
+    "multi-scale head": {"multi_scale": True},
+    "angular loss": {"loss": "angular"},
+    "angular + multi-scale (the paper)": {"loss": "angular", "multi_scale": True},
+}
+
+METRICS = ("recall@1", "recall@5", "map@r")
+
+
+def train_variants(train_data: ImageArrayDataset, val_data: ImageArrayDataset, out_dir: str | Path, *,
+                   seconds: float, variants: dict[str, dict] | None = None, base: TrainConfig | None = None,
+                   progress: bool = False) -> dict[str, dict]:
+    """Train each variant for ``seconds`` (same data, seed and budget); returns
+    ``{name: {"model", "train_seconds", "epochs"}}``. Runs resume from ``out_dir/<n>``."""
+    base = base or TrainConfig.budgeted(seconds)
+    results = {}
+    for i, (name, overrides) in enumerate((variants or VARIANTS).items()):
+        config = replace(base, max_seconds=seconds, **overrides)
+        result = train(config, train_data, val_data, Path(out_dir) / f"variant{i}", progress=progress)
+        last = result.history[-1] if result.history else {}
+        results[name] = {"model": result.model, "train_seconds": last.get("train_seconds", 0.0),
+                         "epochs": last.get("epoch", 0)}
+    return results
+
+
+def _metrics(embeddings: np.ndarray, labels: np.ndarray, rerank=None, depth: int = 100) -> dict:
+    metrics = retrieval_metrics(embeddings, labels, rerank=rerank, rerank_depth=depth)
+    return {k: metrics[k] for k in METRICS}
+
+
+def query_milliseconds(model, images: np.ndarray, gallery: np.ndarray, *, n_queries: int = 200, depth: int = 100,
+                       rerank: Callable | None = None) -> float:
+    """Mean milliseconds for one query from pixels to ranked list: embed one image, exact FAISS
+    search of the top ``depth``, then ``rerank(query_embedding, candidates)`` if given."""
+    n = min(n_queries, len(images))
+    start = time.perf_counter()
+    for image in images[:n]:
+        query = embed_arrays(model, image[None])
+        _, candidates = knn(query, gallery, depth)
+        if rerank is not None:
+            rerank(query, candidates)
+    return 1000.0 * (time.perf_counter() - start) / n
+
+
+def compare_rankings(model, images: np.ndarray, labels: np.ndarray, *, depth: int = 100,
+                     fractional_p: tuple[float, ...] = (0.5,), k_reciprocal: bool = True,
+                     n_timed_queries: int = 200, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> list[dict]:
+    """Leave-one-out R@1, R@5, MAP@R of ``model`` on ``images`` with plain cosine ranking and
+    with each re-ranker on the top ``depth`` candidates, plus the cost: ms per query (pixels to
+    ranked list) and, for k-reciprocal, the one-off gallery preparation."""
+    embeddings = embed_arrays(model, images)
+    rows = []
+    rows.append({"ranking": "cosine (FAISS, exact)", **_metrics(embeddings, labels),
+                 "ms/query": query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth)})
+    for p in fractional_p:
+        metrics = _metrics(embeddings, labels, lambda ids, c, p=p: fractional_rerank(embeddings[ids], embeddings, c, p=p),
+                           depth)
+        cost = query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth,
+                                  rerank=lambda q, c, p=p: fractional_rerank(q, embeddings, c, p=p))
+        rows.append({"ranking": f"fractional Minkowski p={p} (top {depth})", **metrics, "ms/query": cost})
+    if k_reciprocal:
+        start = time.perf_counter()
+        reranker = KReciprocalReranker(embeddings, k1=k1, k2=k2, lambda_value=lambda_value)
+        prepare = time.perf_counter() - start
+        metrics = _metrics(embeddings, labels, lambda ids, c: reranker.rerank(embeddings[ids], c, query_ids=ids), depth)
+        cost = query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth,
+                                  rerank=lambda q, c: reranker.rerank(q, c))
+        rows.append({"ranking": f"k-reciprocal k1={k1} k2={k2} λ={lambda_value} (top {depth}; gallery prep {prepare:.1f} s)",
+                     **metrics, "ms/query": cost})
+    return rows
+
+
+def variant_rows(trained: dict[str, dict], images: np.ndarray, labels: np.ndarray, *, n_timed_queries: int = 200) -> list[dict]:
+    """One table row per trained variant: leave-one-out metrics on ``images``, training time,
+    epochs and ms per query (embed + exact search)."""
+    rows = []
+    for name, info in trained.items():
+        embeddings = embed_arrays(info["model"], images)
+        rows.append({"variant": name, **_metrics(embeddings, labels), "train s": info["train_seconds"],
+                     "epochs": info["epochs"],
+                     "ms/query": query_milliseconds(info["model"], images, embeddings, n_queries=n_timed_queries)})
+    return rows
+
+
+def verdict(rows: list[dict], key: str, baseline: str, *, metric: str = "map@r", tolerance: float = 0.005) -> list[str]:
+    """Plain-words lines: which rows beat, match or trail the ``baseline`` row on ``metric``
+    (differences within ``tolerance`` count as a tie: one run, one seed)."""
+    reference = next(r for r in rows if r[key] == baseline)[metric]
+    lines = []
+    for row in rows:
+        if row[key] == baseline:
+            continue
+        delta = row[metric] - reference
+        word = "helped" if delta > tolerance else "hurt" if delta < -tolerance else "made no real difference"
+        lines.append(f"{row[key]}: {word} ({metric} {row[metric]:.4f} vs {reference:.4f}, {delta:+.4f})")
+    return lines
