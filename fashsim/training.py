@@ -59,6 +59,7 @@ class TrainConfig:
     multi_scale: bool = False  # add pooled intermediate-stage features (fashsim.models.MultiScaleBackbone)
     loss: str = "triplet"  # "triplet" | "angular" (Wang et al. 2017) | "cross_entropy" (the baseline)
     angular_alpha: float = 40.0  # degrees, loss="angular" only
+    ce_weight: float = 0.0  # > 0: add this much cross-entropy on the BN-neck to a metric loss (Luo et al. 2019)
     # The default recipe (see notebook 02, "What we tried"): batch-all mining beat batch-hard on
     # Fashion-MNIST at every budget we measured; batch-hard stays one argument away.
     mining: str = "batch_all"  # batch_hard | batch_all | semi_hard
@@ -221,7 +222,7 @@ def train(
         in_channels=spec.channels,
         weights=config.weights,
         input_spec=spec,
-        num_classes=num_classes if config.loss == "cross_entropy" else 0,
+        num_classes=num_classes if (config.loss == "cross_entropy" or config.ce_weight > 0) else 0,
         multi_scale=config.multi_scale,
     ).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -304,6 +305,10 @@ def train(
                 else:  # cross_entropy
                     loss = F.cross_entropy(model.classifier(raw).float(), y)
                     stats = {}
+                if config.ce_weight > 0 and config.loss != "cross_entropy":
+                    ce = F.cross_entropy(model.classifier(raw).float(), y)
+                    loss = loss + config.ce_weight * ce
+                    stats["cross_entropy"] = ce.item()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

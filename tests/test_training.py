@@ -163,5 +163,8 @@ def test_angular_loss_and_multi_scale_head_train(tiny_data, tmp_path):
     assert result.history[0]["val_recall@1"] > 0.5  # chance is 0.1
     assert 0 <= result.history[0]["train_active_fraction"] <= 1
     assert load_model(tmp_path / "model.pt").config["multi_scale"] is True
+    joint = training.train(training.TrainConfig(**TINY | {"epochs": 1}, ce_weight=0.5), train_set, val_set,
+                           tmp_path / "joint", progress=False)
+    assert joint.history[0]["train_cross_entropy"] > 0 and joint.model.classifier is not None
     with pytest.raises(ValueError, match="loss must be one of"):
         training.train(training.TrainConfig(loss="contrastive"), train_set, val_set, tmp_path / "x", progress=False)
