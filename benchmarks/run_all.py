@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("training", "search")
+ORDER = ("training", "search", "pretrained")
 
 
 def main(argv=None) -> int:

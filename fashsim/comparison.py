@@ -79,8 +79,8 @@ def compare_rankings(model, images: np.ndarray, labels: np.ndarray, *, depth: in
     rows.append({"ranking": "cosine (FAISS, exact)", **_metrics(embeddings, labels),
                  "ms/query": query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth)})
     for p in fractional_p:
-        metrics = _metrics(embeddings, labels, lambda ids, c, p=p: fractional_rerank(embeddings[ids], embeddings, c, p=p),
-                           depth)
+        metrics = _metrics(embeddings, labels,
+                           lambda ids, c, p=p: fractional_rerank(embeddings[ids], embeddings, c, p=p), depth)
         cost = query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth,
                                   rerank=lambda q, c, p=p: fractional_rerank(q, embeddings, c, p=p))
         rows.append({"ranking": f"fractional Minkowski p={p} (top {depth})", **metrics, "ms/query": cost})
@@ -88,15 +88,17 @@ def compare_rankings(model, images: np.ndarray, labels: np.ndarray, *, depth: in
         start = time.perf_counter()
         reranker = KReciprocalReranker(embeddings, k1=k1, k2=k2, lambda_value=lambda_value)
         prepare = time.perf_counter() - start
-        metrics = _metrics(embeddings, labels, lambda ids, c: reranker.rerank(embeddings[ids], c, query_ids=ids), depth)
+        metrics = _metrics(embeddings, labels,
+                           lambda ids, c: reranker.rerank(embeddings[ids], c, query_ids=ids), depth)
         cost = query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth,
                                   rerank=lambda q, c: reranker.rerank(q, c))
-        rows.append({"ranking": f"k-reciprocal k1={k1} k2={k2} λ={lambda_value} (top {depth}; gallery prep {prepare:.1f} s)",
-                     **metrics, "ms/query": cost})
+        name = f"k-reciprocal k1={k1} k2={k2} λ={lambda_value} (top {depth}; gallery prep {prepare:.1f} s)"
+        rows.append({"ranking": name, **metrics, "ms/query": cost})
     return rows
 
 
-def variant_rows(trained: dict[str, dict], images: np.ndarray, labels: np.ndarray, *, n_timed_queries: int = 200) -> list[dict]:
+def variant_rows(trained: dict[str, dict], images: np.ndarray, labels: np.ndarray, *,
+                 n_timed_queries: int = 200) -> list[dict]:
     """One table row per trained variant: leave-one-out metrics on ``images``, training time,
     epochs and ms per query (embed + exact search)."""
     rows = []

@@ -47,7 +47,8 @@ def load_catalog_images(catalog: FileCatalog, spec: InputSpec, *, progress: bool
         images[i] = prepared
     if bad:
         listed = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise FashsimError(f"{len(bad)} of {len(catalog)} catalog images cannot be read; fix or remove them:\n  {listed}")
+        raise FashsimError(
+            f"{len(bad)} of {len(catalog)} catalog images cannot be read; fix or remove them:\n  {listed}")
     return ImageArrayDataset(images, np.asarray(catalog.labels, np.int64), tuple(catalog.class_names), source="catalog")
 
 

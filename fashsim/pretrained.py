@@ -93,7 +93,8 @@ def shipped_weights_file(backbone: str) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / entry.relative_path
     if not path.is_file():
-        raise WeightsUnavailableError(f"{entry.package} is installed but {path} is missing: reinstall it ({INSTALL_HINT})")
+        raise WeightsUnavailableError(
+            f"{entry.package} is installed but {path} is missing: reinstall it ({INSTALL_HINT})")
     return path
 
 
@@ -149,7 +150,8 @@ def build_shipped_model(backbone: str, *, in_channels: int = 3, classifier: bool
     try:
         import timm
     except ImportError:
-        raise WeightsUnavailableError(f"{backbone} is built with timm, which is not installed: {INSTALL_HINT}") from None
+        raise WeightsUnavailableError(
+            f"{backbone} is built with timm, which is not installed: {INSTALL_HINT}") from None
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=in_channels)
     model.load_state_dict(map_state_dict(state, model))
     features = model.num_features
@@ -175,7 +177,7 @@ def imagenet_top5(image, backbone: str = "efficientnet_lite0") -> list[tuple[str
     entry = shipped_weights(backbone)
     model, _ = build_shipped_model(backbone, classifier=True)
     model.eval()
-    picture = Image.fromarray(np.asarray(image)).convert("RGB") if not isinstance(image, Image.Image) else image.convert("RGB")
+    picture = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
     picture = picture.resize((entry.size, entry.size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     x = (x - torch.tensor(entry.mean).view(1, 3, 1, 1)) / torch.tensor(entry.std).view(1, 3, 1, 1)
