@@ -94,12 +94,28 @@ def batch_hard_triplet_loss(
     )
 
 
+def _members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of a ``(B, B)`` boolean mask, the columns where it is True, first and padded to
+    the fullest row: ``ids (B, W)`` and which of them are real ``(B, W)``."""
+    width = int(mask.sum(1).max()) if mask.numel() else 0
+    ids = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+    return ids, mask.gather(1, ids)
+
+
 def _triplet_gaps(embeddings, labels, metric):
-    """``gap[a, p, n] = d(a,p) − d(a,n)`` and the mask of valid triplets."""
+    """``gap[a, i, j] = d(a, p_i) − d(a, n_j)`` over each anchor's own positives ``p_i`` and
+    negatives ``n_j``, with the mask of real (unpadded) triplets.
+
+    Gathering each anchor's positives and negatives first keeps the tensor at
+    ``B × (K−1) × (B−K)`` for a P×K batch instead of ``B³`` (12× smaller for P=10, K=16).
+    """
     d = pairwise_distances(embeddings, metric)
     pos, neg = _masks(labels)
-    valid = pos[:, :, None] & neg[:, None, :]
-    return d, d[:, :, None] - d[:, None, :], valid, pos, neg
+    pos_ids, pos_real = _members(pos)
+    neg_ids, neg_real = _members(neg)
+    gap = d.gather(1, pos_ids)[:, :, None] - d.gather(1, neg_ids)[:, None, :]
+    valid = pos_real[:, :, None] & neg_real[:, None, :]
+    return d, gap, valid, pos, neg
 
 
 def batch_all_triplet_loss(
@@ -107,13 +123,13 @@ def batch_all_triplet_loss(
 ) -> LossOutput:
     """Every valid triplet of the batch; the mean over the triplets with a non-zero loss."""
     d, gap, valid, pos, neg = _triplet_gaps(embeddings, labels, metric)
-    losses = F.relu(gap + margin)[valid]
-    active = losses > 0
+    losses = F.relu(gap + margin) * valid  # masks by multiplying: boolean indexing is slow on CPU
     stats = _distance_stats(d, pos, neg)
-    if losses.numel() == 0:
+    n_valid, n_active = int(valid.sum()), int((losses > 0).sum())
+    if n_valid == 0:
         return LossOutput(_zero_loss(embeddings), {"active_fraction": 0.0, **stats})
-    loss = losses[active].mean() if active.any() else _zero_loss(embeddings)
-    return LossOutput(loss, {"active_fraction": active.float().mean().item(), "triplets": int(valid.sum()), **stats})
+    loss = losses.sum() / n_active if n_active else _zero_loss(embeddings)
+    return LossOutput(loss, {"active_fraction": n_active / n_valid, "triplets": n_valid, **stats})
 
 
 def semi_hard_triplet_loss(
@@ -127,7 +143,8 @@ def semi_hard_triplet_loss(
     fraction = semi.sum().item() / n_valid if n_valid else 0.0
     if not semi.any():
         return LossOutput(_zero_loss(embeddings), {"active_fraction": fraction, **stats})
-    return LossOutput((gap + margin)[semi].mean(), {"active_fraction": fraction, "triplets": int(semi.sum()), **stats})
+    n_semi = int(semi.sum())
+    return LossOutput(((gap + margin) * semi).sum() / n_semi, {"active_fraction": fraction, "triplets": n_semi, **stats})
 
 
 def _distance_stats(d, pos, neg) -> dict[str, float]:

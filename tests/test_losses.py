@@ -61,6 +61,28 @@ def test_batch_all_matches_pml(metric):
     assert ours.stats["triplets"] == 6 * 4 * 3 * 20  # anchors × positives × negatives
 
 
+@pytest.mark.parametrize("mining,type_of_triplets", [("batch_all", "all"), ("semi_hard", "semihard")])
+def test_uneven_classes_match_pml(mining, type_of_triplets):
+    """Classes of 1, 2, 5 and 9 images: anchors have different numbers of positives and
+    negatives (the padded rows of the gathered triplet tensor), and a singleton has none."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.nn.functional.normalize(torch.randn(17, 8, generator=g), dim=1).requires_grad_()
+    labels = torch.tensor([0] + [1] * 2 + [2] * 5 + [3] * 9)[torch.randperm(17, generator=g)]
+    ours = losses.triplet_loss(x, labels, mining=mining, margin=0.4)
+    distance = _pml_distance("euclidean")
+    triplets = miners.TripletMarginMiner(margin=0.4, type_of_triplets=type_of_triplets, distance=distance)(x, labels)
+    reducer = None if mining == "batch_all" else reducers.MeanReducer()  # AvgNonZero for batch-all
+    reference = pml_losses.TripletMarginLoss(margin=0.4, distance=distance,
+                                             **({"reducer": reducer} if reducer else {}))(x, labels, triplets)
+    assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.loss, x)
+    (g_ref,) = torch.autograd.grad(reference, x)
+    assert torch.allclose(g_ours, g_ref, atol=1e-5)
+    if mining == "batch_all":  # Σ over anchors of positives × negatives
+        counts = torch.bincount(labels)
+        assert ours.stats["triplets"] == int((counts * (counts - 1) * (17 - counts)).sum())
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_semi_hard_matches_pml(metric):
     x, labels = _batch(3, normalise=True)
