@@ -195,7 +195,10 @@ class EmbeddingNet(nn.Module):
     ("BN-neck") → L2 normalisation.
 
     ``forward`` returns unit-length embeddings of size ``embedding_dim``; cosine similarity is
-    their dot product. ``config`` holds everything needed to rebuild the network.
+    their dot product. With ``flip_average=True`` an image's embedding, in eval mode, is the
+    normalised mean of its own and its mirror image's (test-time augmentation: a garment and its
+    mirror image are the same kind of garment). ``config`` holds everything needed to rebuild the
+    network.
     """
 
     def __init__(
@@ -208,6 +211,7 @@ class EmbeddingNet(nn.Module):
         input_spec: InputSpec | None = None,
         num_classes: int = 0,
         multi_scale: bool = False,
+        flip_average: bool = False,
     ) -> None:
         super().__init__()
         if input_spec is None:
@@ -230,6 +234,7 @@ class EmbeddingNet(nn.Module):
             "input_spec": spec.to_dict(),
             "num_classes": num_classes,
             "multi_scale": multi_scale,
+            "flip_average": flip_average,
         }
 
     @property
@@ -239,6 +244,16 @@ class EmbeddingNet(nn.Module):
     @property
     def embedding_dim(self) -> int:
         return self.config["embedding_dim"]
+
+    @property
+    def flip_average(self) -> bool:
+        """Whether eval-mode embeddings average the image with its mirror image (settable on a
+        trained model: it changes only how images are embedded, not the weights)."""
+        return self.config["flip_average"]
+
+    @flip_average.setter
+    def flip_average(self, on: bool) -> None:
+        self.config["flip_average"] = bool(on)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Backbone features → embedding before L2 normalisation (trained alone on cached
@@ -250,7 +265,10 @@ class EmbeddingNet(nn.Module):
         return self.head(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.raw_embedding(x).float(), dim=1)
+        if self.training or not self.flip_average:
+            return F.normalize(self.raw_embedding(x).float(), dim=1)
+        both = F.normalize(self.raw_embedding(torch.cat([x, x.flip(-1)])).float(), dim=1)  # one batch of 2N
+        return F.normalize(both[: len(x)] + both[len(x) :], dim=1)
 
 
 def fingerprint(model: EmbeddingNet) -> str:
@@ -293,6 +311,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         input_spec=InputSpec.from_dict(config["input_spec"]),
         num_classes=config.get("num_classes", 0),
         multi_scale=config.get("multi_scale", False),
+        flip_average=config.get("flip_average", False),
     )
     model.config["weights"] = config.get("weights")  # where it started; the state below is what it became
     model.load_state_dict(blob["state_dict"])

@@ -1,7 +1,7 @@
 """Training: triplet loss with online mining on P×K batches (and a cross-entropy baseline).
 
 :func:`train` runs the loop with everything a real run needs: device auto-selection (CUDA with
-mixed precision, CPU with all cores), a tqdm progress bar, validation Recall@1 / MAP@R after every
+float16 mixed precision; CPU with all cores, in bfloat16 where the CPU has it natively), a tqdm progress bar, validation Recall@1 / MAP@R after every
 epoch, an atomic checkpoint each epoch and **resume** from it after an interruption, early
 stopping, a wall-clock budget, fixed seeds, collapse detection, and a JSON history (loss, mining
 statistics, metrics, throughput per epoch).
@@ -57,6 +57,7 @@ class TrainConfig:
     image_size: int | None = None  # the backbone's input size (None: the images' own size, 28 for Fashion-MNIST)
     embedding_dim: int = 128
     multi_scale: bool = False  # add pooled intermediate-stage features (fashsim.models.MultiScaleBackbone)
+    flip_average: bool = False  # embed image + mirror image at test time (EmbeddingNet); validation included
     loss: str = "triplet"  # "triplet" | "angular" (Wang et al. 2017) | "cross_entropy" (the baseline)
     angular_alpha: float = 40.0  # degrees, loss="angular" only
     ce_weight: float = 0.0  # > 0: add this much cross-entropy on the BN-neck to a metric loss (Luo et al. 2019)
@@ -79,7 +80,7 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # mixed precision, on CUDA only
+    amp: bool = True  # mixed precision where the hardware has it: float16 on CUDA, bfloat16 on CPUs with native bf16
     channels_last: bool = True
     val_max_items: int | None = 6000  # validation subsample (None: all)
 
@@ -126,8 +127,27 @@ def select_device(requested: str = "auto") -> torch.device:
 
 
 def amp_enabled(config: TrainConfig, device: torch.device) -> bool:
-    """Mixed precision runs on CUDA only; on CPU it is always off."""
+    """float16 mixed precision with a gradient scaler (the GPU path): on CUDA only, never on a CPU."""
     return bool(config.amp and device.type == "cuda")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles); elsewhere
+    PyTorch emulates it and bfloat16 runs slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision type of the forward pass, ``None`` for plain float32: float16 on CUDA
+    (:func:`amp_enabled`), bfloat16 on a CPU with native bf16 (the convolutions run ~1.7× faster
+    on two AVX512-BF16 cores), float32 on any other CPU or with ``config.amp=False``. The loss,
+    the optimiser state and evaluation stay in float32 either way."""
+    if amp_enabled(config, device):
+        return torch.float16
+    if config.amp and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -203,7 +223,8 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(config.device)
-    use_amp = amp_enabled(config, device)
+    use_amp = amp_enabled(config, device)  # float16 + gradient scaler
+    precision = autocast_dtype(config, device)
     seed_everything(config.seed)
 
     if config.loss not in LOSSES:
@@ -224,6 +245,7 @@ def train(
         input_spec=spec,
         num_classes=num_classes if (config.loss == "cross_entropy" or config.ce_weight > 0) else 0,
         multi_scale=config.multi_scale,
+        flip_average=config.flip_average,
     ).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -291,7 +313,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(state["step"], progress_now, config.lr_warmup_steps)
             step_start = time.perf_counter()
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device_type=device.type, dtype=precision or torch.float32, enabled=precision is not None):
                 raw = embed_raw(x)
                 embeddings = F.normalize(raw.float(), dim=1)
                 if config.loss == "triplet":
@@ -365,7 +387,8 @@ def train(
         else:
             state["bad_epochs"] += 1
         _checkpoint(checkpoint_path, config, model, optimizer, scaler, generator, state)
-        atomic_write_bytes(out_dir / HISTORY, json.dumps({"config": config.to_dict(), "device": str(device), "amp": use_amp,
+        atomic_write_bytes(out_dir / HISTORY, json.dumps({"config": config.to_dict(), "device": str(device), "amp": precision is not None,
+                      "precision": str(precision or torch.float32).removeprefix("torch."),
                       "history": state["history"], "best": state["best"],
                       "collapse_steps": state.get("collapse_steps", [])}, indent=2).encode())
         print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  val R@1 {metrics['recall@1']:.4f}  "

@@ -104,3 +104,23 @@ def test_multi_scale_round_trips(tmp_path):
     loaded = models.load_model(models.save_model(net, tmp_path / "m.pt"))
     x = torch.randn(2, 1, 28, 28)
     assert loaded.config["multi_scale"] and torch.allclose(net(x), loaded(x), atol=1e-6)
+
+
+def test_flip_average_is_mirror_invariant_in_eval_only(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    plain = models.EmbeddingNet("small_cnn").eval()
+    averaged = models.EmbeddingNet("small_cnn", flip_average=True).eval()
+    averaged.load_state_dict(plain.state_dict())
+    out = averaged(x)
+    assert torch.allclose(out, averaged(x.flip(-1)), atol=1e-5)  # an image and its mirror: one embedding
+    assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert not torch.allclose(plain(x), plain(x.flip(-1)), atol=1e-3)  # without it they differ
+    expected = torch.nn.functional.normalize(plain(x) + plain(x.flip(-1)), dim=1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    models.save_model(averaged, tmp_path / "m.pt")
+    loaded = models.load_model(tmp_path / "m.pt")
+    assert loaded.config["flip_average"] is True and torch.allclose(loaded(x), out, atol=1e-5)
+    assert models.fingerprint(loaded) != models.fingerprint(plain)  # an index knows which one built it
+    averaged.train()  # training sees single images: the augmentation already flips them at random
+    assert torch.allclose(averaged(x), plain.train()(x), atol=1e-5)

@@ -31,6 +31,26 @@ def test_device_selection_and_amp_on_cpu():
     assert cpu.type == "cpu" and torch.get_num_threads() == os.cpu_count()
     assert training.amp_enabled(training.TrainConfig(amp=True), cpu) is False
     assert training.amp_enabled(training.TrainConfig(amp=True), torch.device("cuda")) is True
+    assert training.amp_enabled(training.TrainConfig(amp=False), torch.device("cuda")) is False
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_autocast_dtype_per_device(monkeypatch, native_bf16):
+    """float16 (with a gradient scaler) on CUDA; bfloat16 on a CPU only when it does bf16 in
+    hardware; float32 otherwise or with amp=False."""
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native_bf16)
+    on, off = training.TrainConfig(amp=True), training.TrainConfig(amp=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training.autocast_dtype(on, cuda) is torch.float16
+    assert training.autocast_dtype(on, cpu) is (torch.bfloat16 if native_bf16 else None)
+    assert training.autocast_dtype(off, cpu) is None and training.autocast_dtype(off, cuda) is None
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert training.cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_tile"))
     if not torch.cuda.is_available():
         with pytest.raises(FashsimError, match="no CUDA GPU"):
             training.select_device("cuda")
@@ -58,7 +78,8 @@ def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
         assert key in result.history[-1]
     assert result.best["val_recall@1"] > 0.5  # chance is 0.1
     saved = json.loads((tmp_path / "history.json").read_text())
-    assert saved["device"] == "cpu" and saved["amp"] is False and len(saved["history"]) == 2
+    precision = "bfloat16" if training.cpu_has_native_bf16() else "float32"
+    assert saved["device"] == "cpu" and saved["precision"] == precision and len(saved["history"]) == 2
     model = load_model(tmp_path / "model.pt")
     assert model.embedding_dim == 128
 
