@@ -1,10 +1,10 @@
 """Training: triplet loss with online mining on P×K batches (and a cross-entropy baseline).
 
 :func:`train` runs the loop with everything a real run needs: device auto-selection (CUDA with
-float16 mixed precision; CPU with all cores, in bfloat16 where the CPU has it natively), a tqdm progress bar, validation Recall@1 / MAP@R after every
-epoch, an atomic checkpoint each epoch and **resume** from it after an interruption, early
-stopping, a wall-clock budget, fixed seeds, collapse detection, and a JSON history (loss, mining
-statistics, metrics, throughput per epoch).
+float16 mixed precision; CPU with all cores, in bfloat16 where the CPU has it natively), a tqdm
+progress bar, validation Recall@1 / MAP@R after every epoch, an atomic checkpoint each epoch and
+**resume** from it after an interruption, early stopping, a wall-clock budget, fixed seeds,
+collapse detection, and a JSON history (loss, mining statistics, metrics, throughput per epoch).
 
 The learning rate follows a linear warm-up then a cosine decay over the run's *progress*, which is
 the larger of the share of epochs done and the share of the time budget used — so a run cut by
@@ -57,7 +57,8 @@ class TrainConfig:
     image_size: int | None = None  # the backbone's input size (None: the images' own size, 28 for Fashion-MNIST)
     embedding_dim: int = 128
     multi_scale: bool = False  # add pooled intermediate-stage features (fashsim.models.MultiScaleBackbone)
-    flip_average: bool = False  # embed image + mirror image at test time (EmbeddingNet); validation included
+    flip_average: bool = False  # embed image + mirror image at test time (EmbeddingNet), in validation too
+    #                             (except a frozen backbone's, which validates on its cached features)
     loss: str = "triplet"  # "triplet" | "angular" (Wang et al. 2017) | "cross_entropy" (the baseline)
     angular_alpha: float = 40.0  # degrees, loss="angular" only
     ce_weight: float = 0.0  # > 0: add this much cross-entropy on the BN-neck to a metric loss (Luo et al. 2019)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ def test_device_selection_and_amp_on_cpu():
     assert training.amp_enabled(training.TrainConfig(amp=True), cpu) is False
     assert training.amp_enabled(training.TrainConfig(amp=True), torch.device("cuda")) is True
     assert training.amp_enabled(training.TrainConfig(amp=False), torch.device("cuda")) is False
+    if not torch.cuda.is_available():
+        with pytest.raises(FashsimError, match="no CUDA GPU"):
+            training.select_device("cuda")
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
@@ -47,13 +51,11 @@ def test_autocast_dtype_per_device(monkeypatch, native_bf16):
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags():
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
-    if flags is None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo to compare with")
-    assert training.cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_tile"))
-    if not torch.cuda.is_available():
-        with pytest.raises(FashsimError, match="no CUDA GPU"):
-            training.select_device("cuda")
+    flags = cpuinfo.read_text().split()
+    assert training.cpu_has_native_bf16() == any(f in flags for f in ("avx512_bf16", "amx_tile"))
 
 
 def test_lr_schedule():
@@ -111,10 +113,12 @@ def test_resume_continues_and_refuses_other_configs(tiny_data, tmp_path):
 
 
 def test_time_budget_stops(tiny_data, tmp_path):
+    """Also the float32 CPU path (amp=False), which CPUs without native bf16 take."""
     train_set, val_set = tiny_data
-    result = training.train(training.TrainConfig(**TINY | {"epochs": 50, "max_seconds": 2}), train_set, val_set,
-                            tmp_path, progress=False)
+    result = training.train(training.TrainConfig(**TINY | {"epochs": 50, "max_seconds": 2, "amp": False}), train_set,
+                            val_set, tmp_path, progress=False)
     assert result.stopped == "time budget" and len(result.history) < 50
+    assert json.loads((tmp_path / "history.json").read_text())["precision"] == "float32"
 
 
 SCRIPT = textwrap.dedent("""
