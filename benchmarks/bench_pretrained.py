@@ -21,12 +21,12 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from fashsim import fashion_mnist, metrics
+from fashsim.fileio import atomic_write_bytes
 from fashsim.models import EmbeddingNet
 from fashsim.paths import models_dir, reports_dir
 from fashsim.pretrained import SHIPPED
@@ -98,9 +98,7 @@ def main(argv=None) -> int:
             "frozen": frozen_run(backbone, args.size, args.budget, train_set, val_set, test, str(device)),
         }
         print(backbone, json.dumps(report[backbone]), flush=True)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = atomic_write_bytes(args.output, json.dumps(report, indent=2).encode())
     print(f"wrote {output}")
     return 0
 

@@ -20,7 +20,6 @@ import os
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -114,6 +113,7 @@ def ann(n: int, n_queries: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from fashsim.fileio import atomic_write_bytes
     from fashsim.paths import reports_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,9 +126,7 @@ def main(argv=None) -> int:
     print("latency", report["query_latency_ms"], flush=True)
     report["filtered_search"] = filtered()
     report["ann_1m"] = ann(args.n, args.queries)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = atomic_write_bytes(args.output, json.dumps(report, indent=2).encode())
     print(f"wrote {output}")
     return 0
 

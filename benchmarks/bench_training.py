@@ -20,6 +20,7 @@ import numpy as np
 
 from fashsim import fashion_mnist, metrics
 from fashsim.evaluation import baseline_embeddings
+from fashsim.fileio import atomic_write_bytes
 from fashsim.models import EmbeddingNet
 from fashsim.paths import models_dir, reports_dir
 from fashsim.training import TrainConfig, embed_arrays, train
@@ -68,11 +69,7 @@ def main(argv=None) -> int:
         "cross_entropy": run(replace(base, loss="cross_entropy"), "cross_entropy", train_set, val_set, test)[0],
         "raw_pixels": evaluate(baseline_embeddings("raw_pixels", test.images), test.labels),
     }
-    from pathlib import Path
-
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = atomic_write_bytes(args.output, json.dumps(report, indent=2).encode())
     for name in ("triplet", "triplet_flip_average", "cross_entropy", "raw_pixels"):
         print(f"{name:14s} " + "  ".join(f"{k} {report[name][k]:.4f}" for k in KEYS))
     print(f"wrote {output}")
