@@ -27,6 +27,7 @@ from .errors import FashsimError, InvalidImageError
 from .fashion_mnist import ImageArrayDataset
 from .fileio import atomic_write_bytes
 from .images import InputSpec, load_image, normalise_batch, prepare_image
+from .models import hash_weights
 
 
 def load_catalog_images(catalog: FileCatalog, spec: InputSpec, *, progress: bool = True) -> ImageArrayDataset:
@@ -62,7 +63,7 @@ def extract_features(backbone: torch.nn.Module, images: np.ndarray, spec: InputS
     backbone.eval()
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="backbone features", disable=not progress):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)  # a writable copy: inputs may be read-only
         x = normalise_batch(batch, spec).contiguous(memory_format=torch.channels_last)
         out.append(backbone(x).float().flatten(1).cpu().numpy())
     backbone.train(was_training)
@@ -74,9 +75,7 @@ def extract_features(backbone: torch.nn.Module, images: np.ndarray, spec: InputS
 def features_key(backbone: torch.nn.Module, images: np.ndarray, spec: InputSpec) -> str:
     """A hash of everything the features depend on: backbone weights, input format, images."""
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
-    for name, tensor in sorted(backbone.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(digest, backbone)
     digest.update(str(images.shape).encode())
     digest.update(np.ascontiguousarray(images).data)
     return digest.hexdigest()[:20]

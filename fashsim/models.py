@@ -271,13 +271,19 @@ class EmbeddingNet(nn.Module):
         return F.normalize(both[: len(x)] + both[len(x) :], dim=1)
 
 
+def hash_weights(digest, module: nn.Module) -> None:
+    """Feed every parameter and buffer of ``module`` (name and bytes, in name order) into a
+    ``hashlib`` digest."""
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+
+
 def fingerprint(model: EmbeddingNet) -> str:
     """A short hash of the model's config and weights: an index built with one model refuses
     to be searched with another."""
     digest = hashlib.sha256(json.dumps(model.config, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(digest, model)
     return digest.hexdigest()[:16]
 
 

@@ -224,7 +224,6 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(config.device)
-    use_amp = amp_enabled(config, device)  # float16 + gradient scaler
     precision = autocast_dtype(config, device)
     seed_everything(config.seed)
 
@@ -255,7 +254,7 @@ def train(
         model.backbone.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision is torch.float16)  # float16 needs loss scaling; bf16 not
     generator = torch.Generator().manual_seed(config.seed)
 
     state = {"epoch": 0, "step": 0, "elapsed": 0.0, "history": [], "best": {}, "bad_epochs": 0}

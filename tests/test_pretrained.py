@@ -1,13 +1,15 @@
 """Package-shipped ImageNet weights: found offline, mapped exactly, and really pretrained."""
 
 import importlib.util
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fashsim import models, pretrained
+from fashsim.features import extract_features
+from fashsim.images import IMAGENET_SPEC
 from fashsim.metrics import retrieval_metrics
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -42,12 +44,8 @@ def test_efficientnet_lite0_random_init_is_not_pretrained():
 
 
 def _fmnist_knn_recall(backbone: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
-    x = torch.from_numpy(np.array(images)).float().div(255)[:, None]
-    x = F.interpolate(x, size=112, mode="bilinear").expand(-1, 3, -1, -1)
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    with torch.inference_mode():
-        features = torch.cat([backbone.eval()(x[i : i + 100]) for i in range(0, len(x), 100)]).numpy()
-    return retrieval_metrics(features, labels)["recall@1"]
+    spec = replace(IMAGENET_SPEC, size=112)  # greyscale repeated to RGB, ImageNet mean/std
+    return retrieval_metrics(extract_features(backbone, images, spec, progress=False), labels)["recall@1"]
 
 
 def test_mobilenet_v2_shipped_features_beat_random_init(fmnist_test):
