@@ -25,12 +25,14 @@ import time
 import numpy as np
 import torch
 
-from fashsim import fashion_mnist, metrics
+from fashsim.data import fashion_mnist
+from fashsim.evaluation import metrics
 from fashsim.fileio import atomic_write_bytes
-from fashsim.models import EmbeddingNet
+from fashsim.model.inference import embed_arrays
+from fashsim.model.networks import EmbeddingNet
+from fashsim.model.pretrained import SHIPPED
 from fashsim.paths import models_dir, reports_dir
-from fashsim.pretrained import SHIPPED
-from fashsim.training import TrainConfig, embed_arrays, select_device, train
+from fashsim.train.loop import TrainConfig, select_device, train
 
 KEYS = ("recall@1", "recall@5", "recall@10", "map@r")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import json
+import os
 import sys
 import time
 
@@ -28,10 +28,11 @@ def latency(n_queries: int, seed: int = 0) -> dict:
     import faiss
     from PIL import Image
 
-    from fashsim.fashion_mnist import load_fashion_mnist
-    from fashsim.models import load_model
+    from fashsim.app.course import index_fashion_mnist
+    from fashsim.data.fashion_mnist import load_fashion_mnist
+    from fashsim.model.persistence import load_model
     from fashsim.paths import default_model_path
-    from fashsim.searcher import Searcher, index_fashion_mnist
+    from fashsim.search.searcher import Searcher
 
     model = load_model(default_model_path())
     collection = index_fashion_mnist(model, kind="flat")
@@ -61,13 +62,13 @@ def filtered(n_queries: int = 200, k: int = 10, seed: int = 0) -> list[dict]:
     """Category-filtered search over 70 000 items (one category = 10 %): FAISS IDSelector (fashsim's
     default, with an exact fallback for rows it leaves short) vs exact search over the category's
     ids vs over-fetching 10·k unfiltered results and filtering afterwards."""
-    from fashsim.models import load_model
+    from fashsim.app.course import index_fashion_mnist
+    from fashsim.model.persistence import load_model
     from fashsim.paths import default_model_path
-    from fashsim.searcher import index_fashion_mnist
 
     collection = index_fashion_mnist(load_model(default_model_path()), kind="flat")
     index = collection.index
-    allowed = collection.catalog.ids("Shirt")
+    allowed = collection.metadata.ids("Shirt")
     rng = np.random.default_rng(seed)
     queries = index.reconstruct(rng.choice(index.ids(), n_queries, replace=False))
     strategies = {
@@ -99,7 +100,7 @@ def synthetic(n: int, n_queries: int, dim: int = 128, clusters: int = 1000, seed
 
 
 def ann(n: int, n_queries: int) -> list[dict]:
-    from fashsim.index import compare_kinds
+    from fashsim.evaluation.index_benchmark import compare_kinds
 
     base, queries = synthetic(n, n_queries)
     configs = [

@@ -18,12 +18,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from fashsim import fashion_mnist, metrics
-from fashsim.evaluation import baseline_embeddings
+from fashsim.data import fashion_mnist
+from fashsim.evaluation import metrics
+from fashsim.evaluation.baselines import baseline_embeddings
 from fashsim.fileio import atomic_write_bytes
-from fashsim.models import EmbeddingNet
+from fashsim.model.inference import embed_arrays
+from fashsim.model.networks import EmbeddingNet
 from fashsim.paths import models_dir, reports_dir
-from fashsim.training import TrainConfig, embed_arrays, train
+from fashsim.train.loop import TrainConfig, train
 
 KEYS = ("recall@1", "recall@5", "recall@10", "map@r")
 

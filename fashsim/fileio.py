@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import uuid
 from pathlib import Path
 
 
@@ -19,7 +22,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a hidden temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # concurrent writers never share one
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -27,3 +30,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` written atomically (see :func:`atomic_write_bytes`)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's content to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # image_fixtures
 
-from fashsim import fashion_mnist  # noqa: E402
+from fashsim.data import fashion_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,10 @@ def small_searcher():
     enough to check the plumbing, since an image's own copy in the catalog is its nearest neighbour."""
     import torch
 
-    from fashsim.models import EmbeddingNet
-    from fashsim.searcher import Searcher, index_fashion_mnist
-
-    from fashsim.images import FASHION_MNIST_SPEC, to_tensor
+    from fashsim.app.course import index_fashion_mnist
+    from fashsim.data.transforms import FASHION_MNIST_SPEC, to_tensor
+    from fashsim.model.networks import EmbeddingNet
+    from fashsim.search.searcher import Searcher
 
     torch.manual_seed(0)
     model = EmbeddingNet("small_cnn")

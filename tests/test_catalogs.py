@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashsim import catalogs, splits
+from fashsim.data import catalogs, splits
+from fashsim.data.uploads import load_image
 from fashsim.errors import DatasetFormatError, DatasetNotFoundError
-from fashsim.images import load_image
 
 
 def _write_png(path, value=128):

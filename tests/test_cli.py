@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-from fashsim import cli, fashion_mnist
+from fashsim.app import cli
+from fashsim.data import fashion_mnist
 
 
 def run_cli(*args, env=None):

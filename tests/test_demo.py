@@ -4,9 +4,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
-
-from fashsim.demo import ALL_CATEGORIES, SearchApp, png_bytes, uploaded_file
 from image_fixtures import HOSTILE_UPLOADS, encode, png, product_photo
+
+from fashsim.app.demo import ALL_CATEGORIES, SearchApp, png_bytes, uploaded_file
 
 
 def upload(app, data: bytes, name="photo.png"):
@@ -65,7 +65,7 @@ def test_real_world_photos_cmyk_16bit_alpha_huge(app):
 
     photos = {
         "cmyk.jpg": encode(product_photo().convert("CMYK"), "JPEG"),
-        "16bit.png": encode(Image.fromarray((np.asarray(product_photo().convert("L")).astype(np.uint16) * 257)), "PNG"),
+        "16bit.png": encode(Image.fromarray(np.asarray(product_photo().convert("L")).astype(np.uint16) * 257), "PNG"),
         "alpha.png": encode(product_photo().convert("RGBA"), "PNG"),
         "huge.jpg": encode(product_photo((5000, 4000)), "JPEG", quality=70),
     }

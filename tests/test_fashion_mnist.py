@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fashsim import fashion_mnist
+from fashsim.data import fashion_mnist
 from fashsim.errors import DatasetFormatError, DatasetNotFoundError
 
 

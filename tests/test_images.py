@@ -1,14 +1,15 @@
-from dataclasses import replace
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from image_fixtures import HOSTILE_UPLOADS, animated_gif, encode, jpeg_with_orientation, product_photo
 from PIL import Image
 
-from fashsim import images
+from fashsim.data import transforms as images
+from fashsim.data import uploads
 from fashsim.errors import FashsimError, InvalidImageError
-from image_fixtures import HOSTILE_UPLOADS, animated_gif, encode, jpeg_with_orientation, product_photo
 
 EXPECTED_WORDS = {
     "empty": "empty",
@@ -27,7 +28,7 @@ EXPECTED_WORDS = {
 @pytest.mark.parametrize("name", sorted(HOSTILE_UPLOADS))
 def test_hostile_uploads_raise_clear_fashsim_errors(name):
     with pytest.raises(InvalidImageError) as info:
-        images.load_image(HOSTILE_UPLOADS[name])
+        uploads.load_image(HOSTILE_UPLOADS[name])
     assert EXPECTED_WORDS[name] in str(info.value)
     assert isinstance(info.value, FashsimError)
     assert info.value.__cause__ is None  # no PIL traceback chained under it
@@ -37,25 +38,25 @@ def test_hostile_file_on_disk_names_the_file(tmp_path):
     path = tmp_path / "page.jpg"
     path.write_bytes(HOSTILE_UPLOADS["html"])
     with pytest.raises(InvalidImageError, match="page.jpg.*HTML"):
-        images.load_image(path)
+        uploads.load_image(path)
     with pytest.raises(InvalidImageError, match="no such file"):
-        images.load_image(tmp_path / "missing.png")
+        uploads.load_image(tmp_path / "missing.png")
 
 
 def test_pixel_limit_below_pil_bomb_threshold():
     declared = encode(Image.new("L", (300, 200)), "PNG")
     with pytest.raises(InvalidImageError, match="megapixels"):
-        images.load_image(declared, max_pixels=50_000)
+        uploads.load_image(declared, max_pixels=50_000)
 
 
 def test_animated_gif_gives_first_frame():
-    image = images.load_image(animated_gif())
+    image = uploads.load_image(animated_gif())
     assert image.size == (32, 32)
     assert np.asarray(image.convert("L"))[0, 0] == 40
 
 
 def test_exif_orientation_is_applied():
-    image = images.load_image(jpeg_with_orientation(6))  # rotate 90° clockwise on display
+    image = uploads.load_image(jpeg_with_orientation(6))  # rotate 90° clockwise on display
     assert image.size == (30, 60)
     arr = np.asarray(image.convert("L"))
     assert arr[5, 15] < 60 and arr[-5, 15] > 200  # left half black -> top after rotation
@@ -74,13 +75,13 @@ def test_exif_orientation_is_applied():
 def test_modes_become_8bit(mode_maker):
     source = mode_maker()
     fmt = "JPEG" if source.mode == "CMYK" else "PNG"
-    image = images.load_image(encode(source, fmt))
+    image = uploads.load_image(encode(source, fmt))
     assert image.mode in ("RGB", "L")
 
 
 def test_16bit_greyscale_is_rescaled_not_clipped():
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
-    image = images.load_image(encode(Image.fromarray(ramp), "PNG"))
+    image = uploads.load_image(encode(Image.fromarray(ramp), "PNG"))
     arr = np.asarray(image)
     assert image.mode == "L" and arr.min() == 0 and arr.max() == 255
     assert 100 < arr[32, 0] < 155  # the middle of the ramp is mid-grey, not saturated
@@ -89,15 +90,15 @@ def test_16bit_greyscale_is_rescaled_not_clipped():
 def test_transparent_background_becomes_white():
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[10:30, 10:30] = (20, 20, 20, 255)
-    image = images.load_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    image = uploads.load_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
     assert image.mode == "RGB"
     assert image.getpixel((0, 0)) == (255, 255, 255)
     assert image.getpixel((20, 20)) == (20, 20, 20)
 
 
 def test_huge_photo_is_downscaled_on_decode():
-    image = images.load_image(encode(product_photo((4000, 3000)), "JPEG"))
-    assert max(image.size) == images.WORKING_SIZE
+    image = uploads.load_image(encode(product_photo((4000, 3000)), "JPEG"))
+    assert max(image.size) == uploads.WORKING_SIZE
     assert image.size == (1024, 768)
 
 
@@ -107,15 +108,15 @@ def test_inputs_of_every_kind(tmp_path):
     path = tmp_path / "photo.png"
     path.write_bytes(data)
     for source in (data, memoryview(data), bytearray(data), io.BytesIO(data), path, str(path), photo, np.asarray(photo)):
-        assert images.load_image(source).size == photo.size
+        assert uploads.load_image(source).size == photo.size
     with pytest.raises(InvalidImageError, match="cannot read an image"):
-        images.load_image(12345)
+        uploads.load_image(12345)
     with pytest.raises(InvalidImageError, match="not an image"):
-        images.load_image(np.zeros((4, 4, 7)))
+        uploads.load_image(np.zeros((4, 4, 7)))
 
 
 def test_product_photo_becomes_fashion_mnist_like():
-    prepared = images.prepare_image(images.load_image(encode(product_photo(), "JPEG")))
+    prepared = images.prepare_image(uploads.load_image(encode(product_photo(), "JPEG")))
     assert prepared.shape == (28, 28) and prepared.dtype == np.uint8
     # inverted: dark background, bright garment; trimmed and resized so the garment spans 28 px tall
     assert prepared[:, 0].max() < 30 and prepared[:, -1].max() < 30
@@ -131,7 +132,7 @@ def test_fashion_mnist_image_survives_preparation(fmnist_test):
 
 
 def test_imagenet_spec_centre_crops():
-    prepared = images.prepare_image(images.load_image(encode(product_photo((300, 400)), "PNG")), images.IMAGENET_SPEC)
+    prepared = images.prepare_image(uploads.load_image(encode(product_photo((300, 400)), "PNG")), images.IMAGENET_SPEC)
     assert prepared.shape == (224, 224, 3)
 
 
@@ -159,10 +160,12 @@ def test_augment_batch_is_seeded_and_keeps_shape(fmnist_test):
     assert not torch.equal(a, x)
 
 
-def test_photo_transforms_shapes():
-    photo = product_photo((300, 400))
-    assert images.photo_transforms(train=False)(photo).shape == (3, 224, 224)
-    assert images.photo_transforms(train=True)(photo).shape == (3, 224, 224)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_float_arrays_with_nan_or_inf_are_refused(bad):
+    arr = np.full((28, 28), 0.5)
+    arr[3, 4] = bad
+    with pytest.raises(InvalidImageError, match="NaN or infinite"):
+        uploads.load_image(arr)
 
 
 def test_input_spec_round_trip():

@@ -11,10 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from fashsim import collection as coll
-from fashsim.catalog_db import CatalogDB, CatalogError
-from fashsim.index import VectorIndex, VectorIndexError, choose_kind
-from fashsim.metrics import knn
+from fashsim.evaluation.metrics import knn
+from fashsim.fileio import sha256_file
+from fashsim.search import collection as coll
+from fashsim.search.index import VectorIndex, VectorIndexError, choose_kind
+from fashsim.search.metadata import MetadataError, MetadataStore
 
 KINDS = ["flat", "hnsw", "ivfpq"]
 PARAMS = {"flat": {}, "hnsw": {}, "ivfpq": {"pq_m": 16, "nprobe": 64}}
@@ -61,7 +62,7 @@ def test_search_agrees_with_exact_knn(kind, data):
 def test_category_filter_returns_k_of_that_category(kind, data):
     c = build(kind, data)
     x, _ = data
-    for category, count in c.categories().items():
+    for category, _count in c.categories().items():
         hits = c.search(x[:5], 25, category=category)
         assert all(len(row) == 25 for row in hits)
         assert all(h.category == category for row in hits for h in row)
@@ -96,14 +97,14 @@ def test_duplicate_ids_are_refused_and_nothing_half_added(data):
     c = build("flat", data)
     x, _ = data
     before = len(c)
-    with pytest.raises(CatalogError, match="already exist"):
+    with pytest.raises(MetadataError, match="already exist"):
         c.add(x[:2], [{"id": 5, "source": "a", "category": "z"}, {"id": 1000, "source": "b", "category": "z"}])
-    assert len(c) == before and len(c.catalog) == before
+    assert len(c) == before and len(c.metadata) == before
     with pytest.raises(VectorIndexError, match="already in the index"):
         c.index.add(x[:1], [1000])
     with pytest.raises(VectorIndexError, match="dimension"):
         c.add(np.zeros((1, 7), np.float32), [{"id": 1, "source": "a", "category": "z"}])
-    assert len(c) == before and len(c.catalog) == before  # the catalog insert was rolled back
+    assert len(c) == before and len(c.metadata) == before  # the catalog insert was rolled back
     c.index.upsert(x[:1] * -1, [1000])
     assert c.search(-x[:1], 1)[0][0].id == 1000
 
@@ -115,7 +116,7 @@ def test_auto_kind_thresholds():
 
 
 def test_gpu_flag_without_gpu_is_a_clear_error():
-    from fashsim.index import gpu_count
+    from fashsim.search.index import gpu_count
 
     if gpu_count():
         pytest.skip("a GPU is present")
@@ -144,7 +145,7 @@ def test_search_history(data):
     c = build("flat", data)
     x, _ = data
     c.search(x[:1], 3, category="c2", log=True)
-    entry = c.catalog.history()[0]
+    entry = c.metadata.history()[0]
     assert entry["k"] == 3 and entry["category"] == "c2" and len(entry["result_ids"]) == 3
 
 
@@ -164,7 +165,8 @@ def test_save_load_gives_identical_results(kind, data, tmp_path):
 
 
 def test_load_refuses_mismatched_model_and_corruption(data, tmp_path):
-    from fashsim.models import EmbeddingNet, fingerprint
+    from fashsim.model.networks import EmbeddingNet
+    from fashsim.model.persistence import fingerprint
 
     model = EmbeddingNet("small_cnn", embedding_dim=32)
     c = build("flat", data)
@@ -190,7 +192,7 @@ def test_corrupt_faiss_bytes_with_matching_checksum_are_refused(data, tmp_path):
     garbage = b"\x00" * 1000
     (version / "vectors.faiss").write_bytes(garbage)
     manifest = json.loads((version / "manifest.json").read_text())
-    manifest["sha256"]["vectors.faiss"] = coll._sha256(version / "vectors.faiss")
+    manifest["sha256"]["vectors.faiss"] = sha256_file(version / "vectors.faiss")
     (version / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(VectorIndexError, match="corrupt"):
         coll.Collection.load(tmp_path / "idx")
@@ -198,7 +200,7 @@ def test_corrupt_faiss_bytes_with_matching_checksum_are_refused(data, tmp_path):
 
 SAVER = textwrap.dedent("""
     import sys, numpy as np
-    from fashsim.collection import Collection
+    from fashsim.search.collection import Collection
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200000, 64)).astype(np.float32)
     c = Collection.build(x, [{"id": i, "source": "s", "category": "c"} for i in range(len(x))], kind="flat")
@@ -227,22 +229,22 @@ def test_kill_minus_9_mid_save_leaves_previous_version_loadable(data, tmp_path):
 
 
 def test_catalog_db_round_trip(tmp_path):
-    db = CatalogDB()
+    db = MetadataStore()
     db.add([{"id": 1, "source": "a.png", "category": "dress", "price": 9.5}, {"id": 2, "source": "b", "category": "bag"}])
     assert db.get([2, 1, 3]) == [{"id": 2, "source": "b", "category": "bag"},
                                  {"id": 1, "source": "a.png", "category": "dress", "price": 9.5}, None]
-    with pytest.raises(CatalogError, match="lacks source"):
+    with pytest.raises(MetadataError, match="lacks source"):
         db.add([{"id": 3, "category": "x"}])
     db.save(tmp_path / "c.sqlite")
-    again = CatalogDB.load(tmp_path / "c.sqlite")
+    again = MetadataStore.load(tmp_path / "c.sqlite")
     assert again.categories() == {"bag": 1, "dress": 1}
     (tmp_path / "bad.sqlite").write_bytes(b"not a database at all" * 100)
-    with pytest.raises(CatalogError, match="not a readable"):
-        CatalogDB.load(tmp_path / "bad.sqlite")
+    with pytest.raises(MetadataError, match="not a readable"):
+        MetadataStore.load(tmp_path / "bad.sqlite")
 
 
 def test_compare_kinds_measures_recall_against_exact(data):
-    from fashsim.index import compare_kinds
+    from fashsim.evaluation.index_benchmark import compare_kinds
 
     x, _ = data
     rows = compare_kinds(x, x[:100], [("hnsw", {"hnsw_m": 16}, [{"ef_search": 8}, {"ef_search": 128}]),

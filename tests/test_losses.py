@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from pytorch_metric_learning import distances, losses as pml_losses, miners, reducers
+from pytorch_metric_learning import distances, miners, reducers
+from pytorch_metric_learning import losses as pml_losses
 
-from fashsim import losses
+from fashsim.train import losses
 
 
 def _batch(seed=0, p=6, k=4, dim=16, normalise=True):

@@ -5,7 +5,7 @@ import pytest
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from sklearn.metrics import average_precision_score
 
-from fashsim import metrics
+from fashsim.evaluation import metrics
 
 
 def clustered(n=600, dim=16, classes=6, noise=0.9, seed=0):

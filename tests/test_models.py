@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from fashsim import models
+from fashsim.data.transforms import IMAGENET_SPEC
 from fashsim.errors import FashsimError
-from fashsim.images import IMAGENET_SPEC
+from fashsim.model import networks as models
+from fashsim.model import persistence
 
 
 def test_small_cnn_embeddings_are_unit_vectors():
@@ -57,25 +58,25 @@ def test_bad_names():
 def test_save_load_round_trip_and_fingerprint(tmp_path):
     net = models.EmbeddingNet("small_cnn").eval()
     x = torch.randn(3, 1, 28, 28)
-    path = models.save_model(net, tmp_path / "m.pt", note="hello")
-    loaded = models.load_model(path)
+    path = persistence.save_model(net, tmp_path / "m.pt", note="hello")
+    loaded = persistence.load_model(path)
     assert torch.allclose(net(x), loaded(x), atol=1e-6)
-    assert models.fingerprint(net) == models.fingerprint(loaded)
+    assert persistence.fingerprint(net) == persistence.fingerprint(loaded)
     with torch.no_grad():
         loaded.projection.bias.add_(0.01)
-    assert models.fingerprint(net) != models.fingerprint(loaded)
+    assert persistence.fingerprint(net) != persistence.fingerprint(loaded)
     assert all(t.device.type == "cpu" for t in torch.load(path, weights_only=True)["state_dict"].values())
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_unreadable_model_files(tmp_path):
     with pytest.raises(FashsimError, match="no model"):
-        models.load_model(tmp_path / "absent.pt")
+        persistence.load_model(tmp_path / "absent.pt")
     net = models.EmbeddingNet("small_cnn")
-    path = models.save_model(net, tmp_path / "m.pt")
+    path = persistence.save_model(net, tmp_path / "m.pt")
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     with pytest.raises(FashsimError, match="not a readable fashsim model"):
-        models.load_model(path)
+        persistence.load_model(path)
 
 
 @pytest.mark.parametrize("name,channels,size", [("small_cnn", 1, 28), ("resnet18", 1, 64), ("mobilenet_v2", 3, 64),
@@ -101,7 +102,7 @@ def test_multi_scale_adds_intermediate_features(name, channels, size):
 
 def test_multi_scale_round_trips(tmp_path):
     net = models.EmbeddingNet("small_cnn", multi_scale=True).eval()
-    loaded = models.load_model(models.save_model(net, tmp_path / "m.pt"))
+    loaded = persistence.load_model(persistence.save_model(net, tmp_path / "m.pt"))
     x = torch.randn(2, 1, 28, 28)
     assert loaded.config["multi_scale"] and torch.allclose(net(x), loaded(x), atol=1e-6)
 
@@ -118,9 +119,9 @@ def test_flip_average_is_mirror_invariant_in_eval_only(tmp_path):
     assert not torch.allclose(plain(x), plain(x.flip(-1)), atol=1e-3)  # without it they differ
     expected = torch.nn.functional.normalize(plain(x) + plain(x.flip(-1)), dim=1)
     assert torch.allclose(out, expected, atol=1e-5)
-    models.save_model(averaged, tmp_path / "m.pt")
-    loaded = models.load_model(tmp_path / "m.pt")
+    persistence.save_model(averaged, tmp_path / "m.pt")
+    loaded = persistence.load_model(tmp_path / "m.pt")
     assert loaded.config["flip_average"] is True and torch.allclose(loaded(x), out, atol=1e-5)
-    assert models.fingerprint(loaded) != models.fingerprint(plain)  # an index knows which one built it
+    assert persistence.fingerprint(loaded) != persistence.fingerprint(plain)  # an index knows which one built it
     averaged.train()  # training sees single images: the augmentation already flips them at random
     assert torch.allclose(averaged(x), plain.train()(x), atol=1e-5)

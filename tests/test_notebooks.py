@@ -5,9 +5,10 @@ import json
 import nbformat
 import numpy as np
 import pytest
-
-from fashsim import pipeline, splits
 from conftest import REPO
+
+from fashsim.app import pipeline
+from fashsim.data import splits
 
 NOTEBOOKS = pipeline.course_notebooks(REPO / "notebooks")
 
@@ -66,7 +67,7 @@ def test_02_triplet_training_saves_a_model_that_beats_chance(smoke_run):
     history = json.loads((model_dir / "history.json").read_text())
     assert len(history["history"]) == 2
     assert history["best"]["val_recall@1"] > 0.6  # 3000 images, 2 epochs; chance is 0.1
-    from fashsim.models import load_model
+    from fashsim.model.persistence import load_model
 
     model = load_model(model_dir / "model.pt")
     assert model.embedding_dim == 128
@@ -80,8 +81,8 @@ def test_03_faiss_indexing_saves_a_loadable_index(smoke_run):
     assert _images_shown(nb) >= 2
     text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "identical results: True" in text and "4000 items" in text
-    from fashsim.collection import Collection
-    from fashsim.models import load_model
+    from fashsim.model.persistence import load_model
+    from fashsim.search.collection import Collection
 
     model = load_model(home / "data" / "models" / "triplet" / "model.pt")
     collection = Collection.load(home / "data" / "index" / "fashion-mnist", model=model)
@@ -94,8 +95,8 @@ def test_04_evaluation_metrics_match_an_independent_implementation(smoke_run, fm
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    from fashsim.models import load_model
-    from fashsim.training import embed_arrays
+    from fashsim.model.inference import embed_arrays
+    from fashsim.model.persistence import load_model
 
     home, executed = smoke_run
     assert _images_shown(executed["04_evaluation.ipynb"]) >= 3
@@ -150,20 +151,20 @@ def test_07_report_is_regenerated_from_the_outputs(smoke_run):
 
 
 def test_08_beyond_triplets_compares_every_variant_and_reranker(smoke_run):
-    from fashsim import comparison
+    from fashsim.evaluation import variants
 
     home, executed = smoke_run
     results = json.loads((home / "reports" / "beyond_triplets.json").read_text())
     for setting in ("closed_set", "open_set"):
         rows = results[setting]
-        assert [r["variant"] for r in rows] == list(comparison.VARIANTS)
-        assert all(0 < r[m] <= 1 for r in rows for m in comparison.METRICS)
+        assert [r["variant"] for r in rows] == list(variants.VARIANTS)
+        assert all(0 < r[m] <= 1 for r in rows for m in variants.METRICS)
         assert all(r["train s"] >= results["budget_seconds"] * 0.9 and r["ms/query"] > 0 for r in rows)
     assert len({r["map@r"] for r in results["closed_set"]}) > 1  # the variants really differ
     rankings = [r["ranking"] for r in results["reranking_closed"]]
     assert rankings[0].startswith("cosine") and any("Minkowski p=0.5" in r for r in rankings)
     assert any(r.startswith("k-reciprocal") for r in rankings)
-    assert len(results["verdict"]["closed set, training"]) == len(comparison.VARIANTS) - 1
+    assert len(results["verdict"]["closed set, training"]) == len(variants.VARIANTS) - 1
     text = "".join(out.get("text", "") for cell in executed["08_beyond_triplets.ipynb"].cells
                    for out in cell.get("outputs", []))
     assert "closed set, training" in text and "saved" in text

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fashsim import models, pretrained
-from fashsim.features import extract_features
-from fashsim.images import IMAGENET_SPEC
-from fashsim.metrics import retrieval_metrics
+from fashsim.data.transforms import IMAGENET_SPEC
+from fashsim.evaluation.metrics import retrieval_metrics
+from fashsim.model import networks as models
+from fashsim.model import persistence, pretrained
+from fashsim.model.inference import extract_features
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -94,8 +95,8 @@ def test_missing_package_and_unsupported_backbone_give_actionable_errors(monkeyp
 def test_embedding_net_with_shipped_weights_round_trips(tmp_path):
     net = models.EmbeddingNet("efficientnet_lite0", weights="shipped", embedding_dim=32).eval()
     assert net.input_spec.mean == (0.5, 0.5, 0.5) and net.input_spec.size == 224
-    loaded = models.load_model(models.save_model(net, tmp_path / "m.pt"))  # no weight file needed to load
+    loaded = persistence.load_model(persistence.save_model(net, tmp_path / "m.pt"))  # no weight file needed to load
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(net(x), loaded(x), atol=1e-5)
-    assert models.fingerprint(net) == models.fingerprint(loaded)
+    assert persistence.fingerprint(net) == persistence.fingerprint(loaded)

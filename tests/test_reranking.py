@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fashsim import reranking
-from fashsim.metrics import knn, retrieval_metrics
+from fashsim.evaluation.metrics import knn, retrieval_metrics
+from fashsim.search import reranking
 
 
 def _unit(n, d=16, seed=0, clusters=5):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fashsim.sampler import PKBatchSampler
+from fashsim.data.sampler import PKBatchSampler
 
 
 def test_every_batch_has_p_classes_times_k_images(fmnist_train):

@@ -3,13 +3,15 @@ copy in the catalog is always its nearest neighbour)."""
 
 import numpy as np
 import pytest
+from image_fixtures import HOSTILE_UPLOADS, encode, png, product_photo
 from PIL import Image
 
-from fashsim.collection import IndexMismatchError
+from fashsim.data.sources import fashion_mnist_source, load_source_image
 from fashsim.errors import InvalidImageError
-from fashsim.models import EmbeddingNet, save_model
-from fashsim.searcher import Searcher, fashion_mnist_source, load_source_image
-from image_fixtures import HOSTILE_UPLOADS, encode, png, product_photo
+from fashsim.model.networks import EmbeddingNet
+from fashsim.model.persistence import save_model
+from fashsim.search.collection import IndexMismatchError
+from fashsim.search.searcher import Searcher
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fashsim import splits
+from fashsim.data import splits
 
 
 def test_stratified_split_is_disjoint_complete_and_reproducible(fmnist_train):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fashsim import training
 from fashsim.errors import FashsimError
-from fashsim.models import load_model
+from fashsim.model.persistence import load_model
+from fashsim.train import loop as training
 
 TINY = dict(p=10, k=8, epochs=2, warmup_steps=5, lr_warmup_steps=5, val_max_items=None, patience=None)
 
@@ -123,7 +123,8 @@ def test_time_budget_stops(tiny_data, tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np
-    from fashsim import fashion_mnist, training
+    from fashsim.data import fashion_mnist
+    from fashsim.train import loop as training
     data = fashion_mnist.load_fashion_mnist("train", download=False)
     idx = np.random.default_rng(0).choice(len(data), 3000, replace=False)
     cfg = training.TrainConfig(p=10, k=8, epochs=int(sys.argv[2]), warmup_steps=5, lr_warmup_steps=5,
@@ -156,7 +157,7 @@ def test_killed_mid_epoch_then_resumed(tmp_path):
 
 def test_frozen_pretrained_backbone_trains_only_the_head_on_cached_features(tiny_data, tmp_path, monkeypatch,
                                                                            project_home):
-    from fashsim import features
+    from fashsim.model import inference as features
 
     train_set, val_set = tiny_data
     config = training.TrainConfig(**TINY | {"epochs": 3}, backbone="mobilenet_v2", weights="shipped",

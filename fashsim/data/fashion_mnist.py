@@ -20,13 +20,13 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetFormatError, DatasetNotFoundError
-from .paths import data_dir
+from ..errors import DatasetFormatError, DatasetNotFoundError
+from ..paths import data_dir
+from .datasets import ImageArrayDataset
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -64,30 +64,6 @@ MIRRORS: tuple[str, ...] = (
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "FASHSIM_DATA"
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
-
-
-@dataclass(frozen=True)
-class ImageArrayDataset:
-    """Images held in memory: ``images`` uint8 (N, H, W) or (N, H, W, 3), ``labels`` int64 (N,)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if len(self.images) != len(self.labels):
-            raise DatasetFormatError(
-                f"{len(self.images)} images but {len(self.labels)} labels in {self.source or 'dataset'}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices) -> "ImageArrayDataset":
-        """The items at ``indices`` (any numpy index), same class names."""
-        idx = np.asarray(indices)
-        return ImageArrayDataset(self.images[idx], self.labels[idx], self.class_names, self.source)
 
 
 def default_download_dir() -> Path:

@@ -8,7 +8,7 @@ Tables:
 * ``search_history(id, at, k, category, result_ids)`` — optional log of searches.
 
 The database lives in memory while in use (fast, and the saved copy stays untouched until the
-next save); :meth:`CatalogDB.save` writes it to a file with SQLite's backup API.
+next save); :meth:`MetadataStore.save` writes it to a file with SQLite's backup API.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FashsimError
+from ..errors import FashsimError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -43,11 +43,11 @@ CREATE TABLE IF NOT EXISTS search_history (
 CORE_FIELDS = ("id", "source", "category")
 
 
-class CatalogError(FashsimError):
+class MetadataError(FashsimError):
     """Inconsistent catalog operations (duplicate or unknown ids, missing fields)."""
 
 
-class CatalogDB:
+class MetadataStore:
     """The metadata catalog (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -65,7 +65,7 @@ class CatalogDB:
         for record in records:
             missing = [f for f in CORE_FIELDS if f not in record]
             if missing:
-                raise CatalogError(f"record {dict(record)!r} lacks {', '.join(missing)}")
+                raise MetadataError(f"record {dict(record)!r} lacks {', '.join(missing)}")
             extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
             rows.append((int(record["id"]), str(record["source"]), str(record["category"]), json.dumps(extra)))
         try:
@@ -74,7 +74,7 @@ class CatalogDB:
         except sqlite3.IntegrityError:
             ids = [r[0] for r in rows]
             taken = self.existing(ids)
-            raise CatalogError(f"{len(taken)} ids already exist in the catalog (e.g. {taken[:5].tolist()})"
+            raise MetadataError(f"{len(taken)} ids already exist in the catalog (e.g. {taken[:5].tolist()})"
                                if len(taken) else "the records repeat an id") from None
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
@@ -147,18 +147,18 @@ class CatalogDB:
             target.close()
 
     @classmethod
-    def load(cls, path: str | Path) -> "CatalogDB":
+    def load(cls, path: str | Path) -> MetadataStore:
         """Read a database file written by :meth:`save` into memory."""
         path = Path(path)
         if not path.is_file():
-            raise CatalogError(f"catalog database {path} does not exist")
+            raise MetadataError(f"catalog database {path} does not exist")
         db = cls()
         source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             source.backup(db.conn)
             db.conn.execute("SELECT id, source, category, extra FROM items LIMIT 1")
         except sqlite3.DatabaseError as exc:
-            raise CatalogError(f"{path} is not a readable fashsim catalog ({exc})") from None
+            raise MetadataError(f"{path} is not a readable fashsim catalog ({exc})") from None
         finally:
             source.close()
         return db

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 
 def train_val_test_split(

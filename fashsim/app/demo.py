@@ -18,8 +18,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from .errors import FashsimError
-from .searcher import Searcher, load_source_image
+from ..data.sources import load_source_image
+from ..errors import FashsimError
+from ..search.searcher import Searcher
 
 ALL_CATEGORIES = "(all categories)"
 
@@ -101,7 +102,7 @@ class SearchApp:
         """The "Random catalog item" button: search with a random item of the catalog (as stored:
         a catalog image already in the model's format is not prepared a second time)."""
         ids = self.searcher.collection.index.ids()
-        record = self.searcher.collection.catalog.get([int(self.rng.choice(ids))])[0]
+        record = self.searcher.collection.metadata.get([int(self.rng.choice(ids))])[0]
         pixels = load_source_image(record["source"])
         size = self.searcher.spec.size
         in_model_format = pixels.shape == ((size, size) if self.searcher.spec.channels == 1 else (size, size, 3))
@@ -149,7 +150,7 @@ class SearchApp:
     def _show_query(self, data: bytes, prepared: np.ndarray) -> None:
         import ipywidgets as w
 
-        from .images import load_image
+        from ..data.uploads import load_image
 
         original = np.asarray(load_image(data, working_size=320))
         self.query_original.value = png_bytes(original, size=160)

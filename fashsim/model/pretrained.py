@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import FashsimError
+from ..errors import FashsimError
 
 INSTALL_HINT = "pip install 'fashsim[pretrained]'   (or: make test / make run, which install it)"
 

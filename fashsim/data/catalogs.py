@@ -2,7 +2,8 @@
 
 Each loader returns a :class:`FileCatalog`: image paths, an integer category per image, the
 category names, and per-item extra metadata (CSV columns, DeepFashion item id and split).
-Images are not decoded here; :func:`fashsim.images.load_image` does that when needed.
+Images are not decoded here; :func:`fashsim.data.uploads.load_image` does that when needed;
+:func:`load_catalog_images` decodes a whole catalog into the model's input format.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .errors import DatasetFormatError, DatasetNotFoundError
+from ..errors import DatasetFormatError, DatasetNotFoundError, FashsimError, InvalidImageError
+from .datasets import ImageArrayDataset
+from .transforms import InputSpec, prepare_image
+from .uploads import load_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -38,7 +43,7 @@ class FileCatalog:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, indices) -> "FileCatalog":
+    def subset(self, indices) -> FileCatalog:
         """The items at ``indices``, same category names."""
         idx = np.asarray(indices, dtype=np.int64)
         return FileCatalog(
@@ -211,3 +216,24 @@ def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str = "l
         extra.append({"item_id": item_id, "split": status})
     names, labels = np.unique(np.asarray(categories), return_inverse=True)
     return FileCatalog(tuple(paths), labels.astype(np.int64), tuple(str(n) for n in names), tuple(extra))
+
+
+def load_catalog_images(catalog: FileCatalog, spec: InputSpec, *, progress: bool = True) -> ImageArrayDataset:
+    """Decode and prepare every catalog image for a model with input ``spec``: uint8
+    ``(N, size, size[, 3])`` in memory. Unreadable files stop it with one error listing them all
+    (nothing is skipped silently)."""
+    shape = (spec.size, spec.size) if spec.channels == 1 else (spec.size, spec.size, 3)
+    images = np.zeros((len(catalog), *shape), np.uint8)
+    bad = []
+    for i, path in enumerate(tqdm(catalog.paths, desc="loading images", disable=not progress)):
+        try:
+            prepared = prepare_image(load_image(path), spec)
+        except InvalidImageError as exc:
+            bad.append(f"{path}: {exc}")
+            continue
+        images[i] = prepared
+    if bad:
+        listed = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise FashsimError(
+            f"{len(bad)} of {len(catalog)} catalog images cannot be read; fix or remove them:\n  {listed}")
+    return ImageArrayDataset(images, np.asarray(catalog.labels, np.int64), tuple(catalog.class_names), source="catalog")

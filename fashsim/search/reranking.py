@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import knn
+from ..evaluation.metrics import knn
 
 
 def minkowski_distances(queries: np.ndarray, candidates: np.ndarray, p: float) -> np.ndarray:

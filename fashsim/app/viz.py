@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .paths import reports_dir
+from ..paths import reports_dir
 
 
 def figures_dir() -> Path:

@@ -16,20 +16,15 @@ torchvision's ``resnet18``, ``resnet50``, ``mobilenet_v2`` and timm's EfficientN
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import FashsimError
-from .fileio import atomic_write_bytes
-from .images import FASHION_MNIST_SPEC, IMAGENET_SPEC, InputSpec
+from ..data.transforms import InputSpec
+from ..errors import FashsimError
+from .input_format import default_input_spec
 from .pretrained import SHIPPED, WeightsUnavailableError, build_shipped_model
 
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_lite0")
@@ -128,24 +123,6 @@ def _timm_efficientnet_lite0(in_channels: int) -> tuple[nn.Module, int]:
         raise FashsimError("efficientnet_lite0 needs timm: pip install 'fashsim[pretrained]'") from None
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=in_channels, num_classes=0)
     return model, model.num_features
-
-
-def default_input_spec(backbone: str, weights: str | None = None, channels: int | None = None) -> InputSpec:
-    """What a backbone expects: Fashion-MNIST's format for ``small_cnn``, the pretrained
-    weights' normalisation (224 px RGB) for the others; ``channels=1`` for greyscale input
-    (the mean of the RGB statistics)."""
-    if backbone == "small_cnn":
-        spec = FASHION_MNIST_SPEC
-    elif backbone in SHIPPED and (weights == "shipped" or backbone == "efficientnet_lite0"):
-        entry = SHIPPED[backbone]
-        spec = replace(IMAGENET_SPEC, size=entry.size, mean=entry.mean, std=entry.std)
-    else:
-        spec = IMAGENET_SPEC
-    if channels is None or channels == spec.channels:
-        return spec
-    if channels == 1:
-        return replace(spec, channels=1, mean=(sum(spec.mean) / 3,), std=(sum(spec.std) / 3,))
-    return replace(spec, channels=3, mean=spec.mean * 3, std=spec.std * 3)
 
 
 #: The intermediate stage whose features :class:`MultiScaleBackbone` adds, per backbone: the last
@@ -269,56 +246,3 @@ class EmbeddingNet(nn.Module):
             return F.normalize(self.raw_embedding(x).float(), dim=1)
         both = F.normalize(self.raw_embedding(torch.cat([x, x.flip(-1)])).float(), dim=1)  # one batch of 2N
         return F.normalize(both[: len(x)] + both[len(x) :], dim=1)
-
-
-def hash_weights(digest, module: nn.Module) -> None:
-    """Feed every parameter and buffer of ``module`` (name and bytes, in name order) into a
-    ``hashlib`` digest."""
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-
-
-def fingerprint(model: EmbeddingNet) -> str:
-    """A short hash of the model's config and weights: an index built with one model refuses
-    to be searched with another."""
-    digest = hashlib.sha256(json.dumps(model.config, sort_keys=True).encode())
-    hash_weights(digest, model)
-    return digest.hexdigest()[:16]
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` written atomically (see :func:`fashsim.fileio.atomic_write_bytes`)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_model(model: EmbeddingNet, path: str | os.PathLike, **metadata) -> Path:
-    """Save config + weights (+ JSON-able metadata) atomically, loadable on any device."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return atomic_torch_save({"config": model.config, "state_dict": state, "metadata": metadata}, path)
-
-
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> EmbeddingNet:
-    """Rebuild a model saved by :func:`save_model` (eval mode, on ``device``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FashsimError(f"no model at {path}: train one first (notebook 02 or `python -m fashsim train`)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        config = blob["config"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise FashsimError(f"{path} is not a readable fashsim model ({exc})") from None
-    model = EmbeddingNet(
-        config["backbone"],
-        embedding_dim=config["embedding_dim"],
-        in_channels=config["in_channels"],
-        input_spec=InputSpec.from_dict(config["input_spec"]),
-        num_classes=config.get("num_classes", 0),
-        multi_scale=config.get("multi_scale", False),
-        flip_average=config.get("flip_average", False),
-    )
-    model.config["weights"] = config.get("weights")  # where it started; the state below is what it became
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval()

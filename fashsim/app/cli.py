@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .errors import FashsimError
+from ..errors import FashsimError
 
 
 def _parse_override(text: str) -> tuple[str, str, object]:
@@ -27,7 +27,7 @@ def _parse_override(text: str) -> tuple[str, str, object]:
 
 
 def _cmd_data(args) -> int:
-    from . import fashion_mnist
+    from ..data import fashion_mnist
 
     if args.download:
         folder = fashion_mnist.download_fashion_mnist()
@@ -58,9 +58,9 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .fashion_mnist import load_train_val
-    from .paths import default_model_path
-    from .training import TrainConfig, train
+    from ..data.fashion_mnist import load_train_val
+    from ..paths import default_model_path
+    from ..train.loop import TrainConfig, train
 
     config = TrainConfig(backbone=args.backbone, weights=args.weights, freeze_backbone=args.freeze_backbone,
                          image_size=args.image_size, mining=args.mining, margin=args.margin, epochs=args.epochs,
@@ -74,9 +74,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_index(args) -> int:
-    from .models import load_model
-    from .paths import default_model_path
-    from .searcher import default_index_dir, index_fashion_mnist
+    from ..model.persistence import load_model
+    from ..paths import default_model_path
+    from .course import default_index_dir, index_fashion_mnist
 
     model = load_model(args.model or default_model_path())
     collection = index_fashion_mnist(model, kind=args.kind)
@@ -87,8 +87,9 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_search(args) -> int:
-    from .paths import default_model_path
-    from .searcher import Searcher, default_index_dir
+    from ..paths import default_model_path
+    from ..search.searcher import Searcher
+    from .course import default_index_dir
 
     searcher = Searcher.from_paths(args.model or default_model_path(), args.index or default_index_dir(), threads=1)
     hits = searcher.search(args.image, k=args.k, category=args.category)
@@ -101,11 +102,11 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .fashion_mnist import load_fashion_mnist
-    from .metrics import retrieval_metrics
-    from .models import load_model
-    from .paths import default_model_path
-    from .training import embed_arrays
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..evaluation.metrics import retrieval_metrics
+    from ..model.inference import embed_arrays
+    from ..model.persistence import load_model
+    from ..paths import default_model_path
 
     model = load_model(args.model or default_model_path())
     test = load_fashion_mnist("test")

@@ -19,23 +19,25 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FashsimError
-from .fashion_mnist import ImageArrayDataset, load_train_val
-from .fileio import atomic_write_bytes
-from .features import cached_features
-from .images import FASHION_MNIST_SPEC, InputSpec, augment_batch, normalise_batch, to_tensor
+from ..data.datasets import ImageArrayDataset
+from ..data.sampler import PKBatchSampler
+from ..data.transforms import augment_batch, normalise_batch
+from ..errors import FashsimError
+from ..evaluation.metrics import retrieval_metrics
+from ..fileio import atomic_torch_save, atomic_write_bytes
+from ..model.inference import cached_features, embed_arrays
+from ..model.input_format import training_input_spec
+from ..model.networks import EmbeddingNet
+from ..model.persistence import load_model, save_model
+from ..paths import data_dir
 from .losses import angular_loss, pairwise_distances, triplet_loss
-from .metrics import retrieval_metrics
-from .models import EmbeddingNet, atomic_torch_save, default_input_spec, load_model, save_model
-from .paths import data_dir
-from .sampler import PKBatchSampler
 
 LOSSES = ("triplet", "angular", "cross_entropy")
 CHECKPOINT = "checkpoint.pt"
@@ -89,7 +91,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def budgeted(cls, seconds: float, **overrides) -> "TrainConfig":
+    def budgeted(cls, seconds: float, **overrides) -> TrainConfig:
         """The default recipe run for a wall-clock budget (no epoch limit, no early stopping)."""
         return cls(**{"max_seconds": seconds, "epochs": 1000, "patience": None, **overrides})
 
@@ -161,38 +163,6 @@ def lr_factor(step: int, progress: float, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay to 0 as ``progress`` goes 0 → 1."""
     warm = min(1.0, (step + 1) / max(1, warmup_steps))
     return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.inference_mode()
-def embed_arrays(model: EmbeddingNet, images: np.ndarray, *, batch_size: int = 1024, device=None) -> np.ndarray:
-    """Embeddings ``(N, D)`` float32 of uint8 images, in eval mode, in batches (also the path of a
-    single search query, so it touches the model's mode only when it must)."""
-    device = device or next(model.parameters()).device
-    spec = model.input_spec
-    was_training = model.training
-    if was_training:
-        model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start : start + batch_size], spec).to(device)
-        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
-    if was_training:
-        model.train()
-    return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
-
-
-def training_input_spec(config: TrainConfig, images: np.ndarray) -> InputSpec:
-    """The input format of a model trained on ``images`` (uint8 ``(N, H, W)`` greyscale or
-    ``(N, H, W, 3)`` RGB): the backbone's normalisation (Fashion-MNIST's from scratch, the
-    weights' when pretrained), at ``config.image_size`` or the images' own size. Greyscale
-    training data is taken to be Fashion-MNIST-like (light garment on black): queries are
-    prepared the same way."""
-    size = config.image_size or images.shape[1]
-    greyscale = images.ndim == 3
-    if config.weights is None and greyscale:
-        return replace(FASHION_MNIST_SPEC, size=size)
-    spec = default_input_spec(config.backbone, config.weights or "imagenet")
-    return replace(spec, size=size, dark_background=greyscale)
 
 
 def _validation_subset(val: ImageArrayDataset, max_items: int | None, seed: int) -> ImageArrayDataset:
@@ -441,14 +411,3 @@ def _restore(path, config, model, optimizer, scaler, generator) -> dict:
     generator.set_state(blob["generator"])
     torch.set_rng_state(blob["torch_rng"])
     return blob["state"]
-
-
-def load_or_train_default(model_path, *, max_seconds: float = 120.0, progress: bool = True) -> EmbeddingNet:
-    """The saved default model, or — when there is none yet — a quick one trained now with the
-    default recipe and a ``max_seconds`` budget (so every notebook also runs standalone)."""
-    model_path = Path(model_path)
-    if model_path.is_file():
-        return load_model(model_path)
-    print(f"no model at {model_path}: training the default recipe for {max_seconds:.0f} s first")
-    train_set, val_set = load_train_val()
-    return train(TrainConfig.budgeted(max_seconds), train_set, val_set, model_path.parent, progress=progress).model

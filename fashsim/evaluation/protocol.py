@@ -2,8 +2,6 @@
 
 * :func:`evaluate_embeddings` — all metrics of :mod:`fashsim.metrics` for one set of embeddings
   (leave-one-out over the evaluation set).
-* :func:`baseline_embeddings` — the comparison points: raw pixels, PCA-128 of the pixels (fitted on
-  training images), an untrained backbone, or any saved model.
 * :func:`worst_confusions` — the category pairs the kNN vote mixes up most.
 """
 
@@ -11,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import metrics
-
-BASELINES = ("raw_pixels", "pca_128", "untrained")
+from fashsim.evaluation import metrics
 
 
 def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, *, ks=(1, 5, 10), knn_k: int = 10,
@@ -26,32 +22,6 @@ def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, *, ks=(1, 5,
     scores["triplet_accuracy"] = metrics.triplet_accuracy(embeddings, labels, seed=seed)
     scores["knn_accuracy"] = float(np.mean(metrics.knn_predict(embeddings, labels, k=knn_k) == labels))
     return scores
-
-
-def baseline_embeddings(name: str, images: np.ndarray, *, train_images: np.ndarray | None = None,
-                        seed: int = 0) -> np.ndarray:
-    """Embeddings of ``images`` (uint8, N×28×28) by a baseline: ``raw_pixels`` (flattened),
-    ``pca_128`` (PCA fitted on ``train_images``), ``untrained`` (the small CNN, random weights)."""
-    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    if name == "raw_pixels":
-        return flat
-    if name == "pca_128":
-        from sklearn.decomposition import PCA
-
-        if train_images is None:
-            raise ValueError("pca_128 needs train_images to fit on")
-        fit = train_images.reshape(len(train_images), -1).astype(np.float32) / 255.0
-        pca = PCA(n_components=128, random_state=seed).fit(fit)
-        return pca.transform(flat).astype(np.float32)
-    if name == "untrained":
-        import torch
-
-        from .models import EmbeddingNet
-        from .training import embed_arrays
-
-        torch.manual_seed(seed)
-        return embed_arrays(EmbeddingNet("small_cnn").eval(), images)
-    raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
 
 
 def worst_confusions(confusion: np.ndarray, class_names, n: int = 5) -> list[dict]:

@@ -18,7 +18,6 @@ index was built by that very model (dimension and fingerprint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog_db import CatalogDB
-from .errors import FashsimError
-from .fileio import atomic_write_bytes, fsync_dir
+from ..errors import FashsimError
+from ..fileio import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
 from .index import VectorIndex, choose_kind
+from .metadata import MetadataStore
 
 FORMAT_VERSION = 1
 FILES = ("vectors.faiss", "ids.npy", "catalog.sqlite")
@@ -64,13 +63,13 @@ class Collection:
     def __init__(self, dim: int, kind: str = "flat", *, model_fingerprint: str | None = None,
                  use_gpu: bool | str = "auto", **index_params) -> None:
         self.index = VectorIndex(dim, kind, use_gpu=use_gpu, **index_params)
-        self.catalog = CatalogDB()
+        self.metadata = MetadataStore()
         self.model_fingerprint = model_fingerprint
 
     @classmethod
     def build(cls, embeddings: np.ndarray, records: Sequence[Mapping], *, kind: str = "auto",
               model_fingerprint: str | None = None, train_sample: int = 100_000, seed: int = 0,
-              **index_params) -> "Collection":
+              **index_params) -> Collection:
         """A new collection over ``embeddings`` (one record per row); ``kind='auto'`` picks by size."""
         kind = choose_kind(len(embeddings)) if kind == "auto" else kind
         collection = cls(embeddings.shape[1], kind, model_fingerprint=model_fingerprint, **index_params)
@@ -93,22 +92,22 @@ class Collection:
         """Add items (no rebuild): metadata and vectors together, or neither."""
         if len(records) != len(embeddings):
             raise FashsimError(f"{len(embeddings)} embeddings but {len(records)} records")
-        ids = self.catalog.add(records)
+        ids = self.metadata.add(records)
         try:
             self.index.add(embeddings, ids)
         except Exception:
-            self.catalog.remove(ids)  # keep the two in step
+            self.metadata.remove(ids)  # keep the two in step
             raise
 
     def remove(self, ids) -> int:
         """Remove items by id from both the index and the catalog (no rebuild)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         removed = self.index.remove(ids)
-        self.catalog.remove(ids)
+        self.metadata.remove(ids)
         return removed
 
     def categories(self) -> dict[str, int]:
-        return self.catalog.categories()
+        return self.metadata.categories()
 
     # ------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int = 10, *, category: str | None = None,
@@ -117,22 +116,22 @@ class Collection:
         ``where(record)`` is true."""
         allowed = None
         if category is not None:
-            allowed = self.catalog.ids(category)
+            allowed = self.metadata.ids(category)
         if where is not None:
-            matching = self.catalog.ids_where(where)
+            matching = self.metadata.ids_where(where)
             allowed = matching if allowed is None else np.intersect1d(allowed, matching)
         scores, ids = self.index.search(queries, k, allowed_ids=allowed)
         results = []
         for row_scores, row_ids in zip(scores, ids):
             valid = row_ids >= 0
-            records = self.catalog.get(row_ids[valid])
+            records = self.metadata.get(row_ids[valid])
             hits = [
                 Hit(rank=r + 1, id=int(i), score=float(s), category=rec["category"], source=rec["source"],
                     extra={k_: v for k_, v in rec.items() if k_ not in ("id", "source", "category")})
                 for r, (i, s, rec) in enumerate(zip(row_ids[valid], row_scores[valid], records))
             ]
             if log:
-                self.catalog.log_search(k, category, [h.id for h in hits])
+                self.metadata.log_search(k, category, [h.id for h in hits])
             results.append(hits)
         return results
 
@@ -177,8 +176,8 @@ class Collection:
         ids = self.index.ids()
         (staging / "vectors.faiss").write_bytes(self.index.to_bytes())
         np.save(staging / "ids.npy", ids)
-        self.catalog.save(staging / "catalog.sqlite")
-        if not np.array_equal(self.catalog.ids(), ids):
+        self.metadata.save(staging / "catalog.sqlite")
+        if not np.array_equal(self.metadata.ids(), ids):
             raise FashsimError("index and catalog disagree on their ids; refusing to save an inconsistent collection")
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -188,11 +187,11 @@ class Collection:
             "params": self.index.params,
             "count": len(ids),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "sha256": {name: _sha256(staging / name) for name in FILES},
+            "sha256": {name: sha256_file(staging / name) for name in FILES},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         for name in (*FILES, "manifest.json"):
-            _fsync(staging / name)
+            fsync_file(staging / name)
         final = directory / version
         os.replace(staging, final)
         fsync_dir(directory)
@@ -204,7 +203,7 @@ class Collection:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, model=None, expected_dim: int | None = None,
-             use_gpu: bool | str = "auto") -> "Collection":
+             use_gpu: bool | str = "auto") -> Collection:
         """Load the current version of ``directory``. With ``model`` (an EmbeddingNet), refuse an
         index built by another model; checksums guard against truncated or corrupted files."""
         directory = Path(directory)
@@ -221,11 +220,11 @@ class Collection:
             raise CorruptIndexError(f"{version}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
         for name in FILES:
             path = version / name
-            if not path.is_file() or _sha256(path) != manifest["sha256"][name]:
+            if not path.is_file() or sha256_file(path) != manifest["sha256"][name]:
                 raise CorruptIndexError(f"{path} is missing, truncated or corrupted (checksum mismatch); "
                                         "rebuild the index")
         if model is not None:
-            from .models import fingerprint
+            from ..model.persistence import fingerprint
 
             expected_dim = model.embedding_dim
             actual = fingerprint(model)
@@ -243,21 +242,8 @@ class Collection:
             (version / "vectors.faiss").read_bytes(), np.load(version / "ids.npy"), kind=manifest["kind"],
             dim=manifest["embedding_dim"], params=manifest["params"], use_gpu=use_gpu,
         )
-        collection.catalog = CatalogDB.load(version / "catalog.sqlite")
+        collection.metadata = MetadataStore.load(version / "catalog.sqlite")
         collection.model_fingerprint = manifest["model_fingerprint"]
-        if not np.array_equal(collection.catalog.ids(), collection.index.ids()):
+        if not np.array_equal(collection.metadata.ids(), collection.index.ids()):
             raise CorruptIndexError(f"{version}: the catalog and the index hold different ids; rebuild the index")
         return collection
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

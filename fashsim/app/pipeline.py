@@ -13,8 +13,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import FashsimError
-from .paths import notebooks_dir, reports_dir
+from ..errors import FashsimError
+from ..paths import notebooks_dir, reports_dir
 
 #: per-notebook parameter overrides, by profile; keys are notebook stems without the number prefix.
 PROFILES: dict[str, dict[str, dict]] = {

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .fashion_mnist import ImageArrayDataset
+from ..data.datasets import ImageArrayDataset
+from ..model.inference import embed_arrays
+from ..search.reranking import KReciprocalReranker, fractional_rerank
+from ..train.loop import TrainConfig, train
 from .metrics import knn, retrieval_metrics
-from .reranking import KReciprocalReranker, fractional_rerank
-from .training import TrainConfig, embed_arrays, train
 
 #: Training variants: TrainConfig overrides on top of the default recipe.
 VARIANTS: dict[str, dict] = {

@@ -1,0 +1,169 @@
+"""Model input: from a decoded picture to what the model saw in training, and batches to tensors.
+
+:func:`prepare_image` turns a picture (from :func:`fashsim.data.uploads.load_image`) into the
+model's input format, described by an :class:`InputSpec`. For a Fashion-MNIST model this mirrors
+how the dataset was made (Xiao et al. 2017): greyscale, garment light on a dark background (a
+product shot on white is inverted), trimmed to the garment, longest side resized to 28 px,
+centred on a 28×28 canvas. :func:`default_input_spec` and :func:`training_input_spec` say which
+format a backbone, its weights and its training images call for; :func:`to_tensor`,
+:func:`normalise_batch` and :func:`augment_batch` work on whole batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes as input: square size, channels, normalisation, background polarity."""
+
+    size: int = 28
+    channels: int = 1
+    mean: tuple[float, ...] = (0.2860,)
+    std: tuple[float, ...] = (0.3530,)
+    #: True for Fashion-MNIST-style data (light garment on black): light-background photos are inverted.
+    dark_background: bool = True
+
+    def to_dict(self) -> dict:
+        return {
+            "size": self.size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "dark_background": self.dark_background,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InputSpec:
+        return cls(
+            size=int(data["size"]),
+            channels=int(data["channels"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            dark_background=bool(data["dark_background"]),
+        )
+
+
+#: Fashion-MNIST models: 28×28 greyscale, dataset mean/std, garment light on dark.
+FASHION_MNIST_SPEC = InputSpec()
+#: ImageNet-pretrained torchvision backbones on product photos.
+IMAGENET_SPEC = InputSpec(
+    size=224, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dark_background=False
+)
+
+
+
+def _trim_box(arr: np.ndarray, threshold: int) -> tuple[int, int, int, int] | None:
+    """Bounding box of the rows/columns with more than 1 % of their pixels above ``threshold``
+    (at least one: a 28-px row counts a single pixel; a photo's stray noise pixels do not)."""
+    above = arr > threshold
+    rows = np.flatnonzero(above.sum(axis=1) > 0.01 * arr.shape[1])
+    cols = np.flatnonzero(above.sum(axis=0) > 0.01 * arr.shape[0])
+    if rows.size == 0 or cols.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _background_level(grey: np.ndarray) -> int:
+    """Brightest value still counted as background. A clean black background (Fashion-MNIST itself,
+    a lossless render on white) has no noise: 0. A photo's background does: its border median plus
+    4 robust standard deviations, and at least 10 grey levels (JPEG noise)."""
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).astype(float)
+    median = np.median(border)
+    if median == 0:
+        return 0
+    return int(median + max(4 * 1.4826 * np.median(np.abs(border - median)), 10))
+
+
+def has_light_background(grey: np.ndarray) -> bool:
+    """True when the image border is mostly light (a product shot on white)."""
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return float(np.median(border)) > 127
+
+
+def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> np.ndarray:
+    """The model's view of an image: uint8 ``(size, size)`` for 1 channel, ``(size, size, 3)`` for 3.
+
+    ``dark_background`` specs (Fashion-MNIST) get the dataset's own recipe: greyscale, inverted
+    if the background is light, trimmed to the garment, longest side resized to ``size``, centred
+    on a black square. Other specs: resize the shorter side and centre-crop (ImageNet style).
+    """
+    if spec.dark_background:
+        grey = np.asarray(image.convert("L"))
+        if has_light_background(grey):
+            grey = 255 - grey
+        box = _trim_box(grey, threshold=_background_level(grey))
+        garment = Image.fromarray(grey).crop(box) if box else Image.fromarray(grey)
+        scale = spec.size / max(garment.size)
+        new_size = (max(1, round(garment.width * scale)), max(1, round(garment.height * scale)))
+        garment = garment.resize(new_size, Image.Resampling.LANCZOS)
+        canvas = Image.new("L", (spec.size, spec.size), 0)
+        canvas.paste(garment, ((spec.size - new_size[0] + 1) // 2, (spec.size - new_size[1] + 1) // 2))  # as the dataset centres
+        out = np.asarray(canvas)
+        return np.repeat(out[..., None], 3, axis=-1) if spec.channels == 3 else out
+    mode = "L" if spec.channels == 1 else "RGB"
+    resized = ImageOps.fit(image.convert(mode), (spec.size, spec.size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
+    return np.asarray(resized)
+
+
+def to_tensor(images: np.ndarray, spec: InputSpec):
+    """A batch of uint8 images, ``(N, H, W)`` or ``(N, H, W, C)``, → normalised float tensor
+    ``(N, spec.channels, spec.size, spec.size)`` (see :func:`normalise_batch`)."""
+    import torch
+
+    arr = np.asarray(images)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"expected a batch of images (N, H, W[, C]), got shape {arr.shape}")
+    return normalise_batch(torch.from_numpy(np.array(arr, copy=True)), spec)
+
+
+def normalise_batch(images, spec: InputSpec):
+    """A uint8 tensor batch ``(N, H, W)`` or ``(N, H, W, C)``, on any device → normalised float
+    ``(N, spec.channels, spec.size, spec.size)``: greyscale is repeated to RGB or RGB averaged to
+    grey as the spec asks, and images of another size are resized (e.g. 28×28 Fashion-MNIST for
+    a 224 px pretrained backbone)."""
+    import torch
+
+    x = images.unsqueeze(-1) if images.ndim == 3 else images
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"expected a batch of images (N, H, W[, C]), got shape {tuple(images.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[1] == 1 and spec.channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and spec.channels == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return resize_batch((x - mean) / std, spec.size)
+
+
+def resize_batch(x, size: int):
+    """A float batch ``(N, C, H, W)`` resized to ``size``×``size`` (bilinear, antialiased), or
+    returned as it is when it already has that size."""
+    import torch.nn.functional as F
+
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def augment_batch(x, generator=None, *, max_shift: int = 2, flip: bool = True):
+    """Light train-time augmentation on a batch ``(N, C, H, W)``, on any device: random horizontal
+    flips and random translations of up to ``max_shift`` pixels (zero padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(mask.to(x.device).view(n, 1, 1, 1), x.flip(-1), x)
+    if max_shift > 0:
+        padded = F.pad(x, (max_shift,) * 4, value=float(x.min()))
+        dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
+        dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    return x

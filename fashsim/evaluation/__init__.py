@@ -1,0 +1,2 @@
+"""Evaluation: retrieval metrics, the protocol every embedding is measured with, baselines, variant studies
+and index benchmarks."""

@@ -1,0 +1,1 @@
+"""Model: backbones + projection head → L2-normalised embeddings, pretrained weights, save/load and inference."""
