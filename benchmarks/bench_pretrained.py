@@ -32,7 +32,8 @@ from fashsim.model.inference import embed_arrays
 from fashsim.model.networks import EmbeddingNet
 from fashsim.model.pretrained import SHIPPED
 from fashsim.paths import models_dir, reports_dir
-from fashsim.train.loop import TrainConfig, select_device, train
+from fashsim.train import TrainConfig, train
+from fashsim.train.device import select_device
 
 KEYS = ("recall@1", "recall@5", "recall@10", "map@r")
 

@@ -25,7 +25,7 @@ from fashsim.fileio import atomic_write_bytes
 from fashsim.model.inference import embed_arrays
 from fashsim.model.networks import EmbeddingNet
 from fashsim.paths import models_dir, reports_dir
-from fashsim.train.loop import TrainConfig, train
+from fashsim.train import TrainConfig, train
 
 KEYS = ("recall@1", "recall@5", "recall@10", "map@r")
 

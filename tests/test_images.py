@@ -160,6 +160,18 @@ def test_augment_batch_is_seeded_and_keeps_shape(fmnist_test):
     assert not torch.equal(a, x)
 
 
+def test_random_erasing_blanks_a_rectangle_with_the_background(fmnist_test):
+    x = images.to_tensor(fmnist_test.images[:64], images.FASHION_MNIST_SPEC)
+    erased = images.augment_batch(x, torch.Generator().manual_seed(2), max_shift=0, flip=False, erase=1.0)
+    background = x.min()
+    changed = (erased != x).flatten(1).sum(1)
+    assert (changed > 0).float().mean() > 0.5  # a rectangle over a dark area may change nothing
+    assert torch.all(erased[erased != x] == background)
+    assert (changed <= 0.2 * 28 * 28 + 28).all()
+    untouched = images.augment_batch(x, torch.Generator().manual_seed(2), max_shift=0, flip=False, erase=0.0)
+    assert torch.equal(untouched, x)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_float_arrays_with_nan_or_inf_are_refused(bad):
     arr = np.full((28, 28), 0.5)

@@ -13,6 +13,7 @@ import torch
 
 from fashsim.errors import FashsimError
 from fashsim.model.persistence import load_model
+from fashsim.train import device
 from fashsim.train import loop as training
 
 TINY = dict(p=10, k=8, epochs=2, warmup_steps=5, lr_warmup_steps=5, val_max_items=None, patience=None)
@@ -26,28 +27,28 @@ def tiny_data(fmnist_train):
 
 
 def test_device_selection_and_amp_on_cpu():
-    device = training.select_device("auto")
-    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    cpu = training.select_device("cpu")
+    chosen = device.select_device("auto")
+    assert chosen.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = device.select_device("cpu")
     assert cpu.type == "cpu" and torch.get_num_threads() == os.cpu_count()
-    assert training.amp_enabled(training.TrainConfig(amp=True), cpu) is False
-    assert training.amp_enabled(training.TrainConfig(amp=True), torch.device("cuda")) is True
-    assert training.amp_enabled(training.TrainConfig(amp=False), torch.device("cuda")) is False
+    assert device.amp_enabled(training.TrainConfig(amp=True), cpu) is False
+    assert device.amp_enabled(training.TrainConfig(amp=True), torch.device("cuda")) is True
+    assert device.amp_enabled(training.TrainConfig(amp=False), torch.device("cuda")) is False
     if not torch.cuda.is_available():
         with pytest.raises(FashsimError, match="no CUDA GPU"):
-            training.select_device("cuda")
+            device.select_device("cuda")
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_autocast_dtype_per_device(monkeypatch, native_bf16):
     """float16 (with a gradient scaler) on CUDA; bfloat16 on a CPU only when it does bf16 in
     hardware; float32 otherwise or with amp=False."""
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native_bf16)
     on, off = training.TrainConfig(amp=True), training.TrainConfig(amp=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert training.autocast_dtype(on, cuda) is torch.float16
-    assert training.autocast_dtype(on, cpu) is (torch.bfloat16 if native_bf16 else None)
-    assert training.autocast_dtype(off, cpu) is None and training.autocast_dtype(off, cuda) is None
+    assert device.autocast_dtype(on, cuda) is torch.float16
+    assert device.autocast_dtype(on, cpu) is (torch.bfloat16 if native_bf16 else None)
+    assert device.autocast_dtype(off, cpu) is None and device.autocast_dtype(off, cuda) is None
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags():
@@ -55,7 +56,7 @@ def test_cpu_bf16_detection_reads_the_cpu_flags():
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo to compare with")
     flags = cpuinfo.read_text().split()
-    assert training.cpu_has_native_bf16() == any(f in flags for f in ("avx512_bf16", "amx_tile"))
+    assert device.cpu_has_native_bf16() == any(f in flags for f in ("avx512_bf16", "amx_tile"))
 
 
 def test_lr_schedule():
@@ -80,7 +81,7 @@ def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
         assert key in result.history[-1]
     assert result.best["val_recall@1"] > 0.5  # chance is 0.1
     saved = json.loads((tmp_path / "history.json").read_text())
-    precision = "bfloat16" if training.cpu_has_native_bf16() else "float32"
+    precision = "bfloat16" if device.cpu_has_native_bf16() else "float32"
     assert saved["device"] == "cpu" and saved["precision"] == precision and len(saved["history"]) == 2
     model = load_model(tmp_path / "model.pt")
     assert model.embedding_dim == 128
@@ -88,7 +89,8 @@ def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
 
 def test_torchvision_backbone_trains_on_greyscale_arrays(tiny_data, tmp_path):
     train_set, val_set = tiny_data
-    config = training.TrainConfig(**TINY | {"epochs": 1}, backbone="resnet18", embedding_dim=32)
+    config = training.TrainConfig(**TINY | {"epochs": 1}, backbone="resnet18", weights="random",
+                                  embedding_dim=32)
     result = training.train(config, train_set.subset(range(400)), val_set.subset(range(200)), tmp_path,
                             progress=False)
     assert result.model.config["backbone"] == "resnet18" and result.model.input_spec.channels == 1
@@ -177,9 +179,8 @@ def test_frozen_pretrained_backbone_trains_only_the_head_on_cached_features(tiny
     again = training.train(config, train_set, val_set, tmp_path / "again", progress=False)
     assert calls == [len(train_set), len(val_set)]
     assert again.history[0]["val_recall@1"] == result.history[0]["val_recall@1"]
-    with pytest.raises(FashsimError, match="needs pretrained weights"):
-        training.train(training.TrainConfig(**TINY, freeze_backbone=True), train_set, val_set, tmp_path / "x",
-                       progress=False)
+    with pytest.raises(ValueError, match="needs pretrained weights"):
+        training.TrainConfig(**TINY, freeze_backbone=True)
 
 
 def test_angular_loss_and_multi_scale_head_train(tiny_data, tmp_path):

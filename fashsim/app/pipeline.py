@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import FashsimError
 from ..paths import notebooks_dir, reports_dir
+from .results import update_results
 
 #: per-notebook parameter overrides, by profile; keys are notebook stems without the number prefix.
 PROFILES: dict[str, dict[str, dict]] = {
@@ -27,7 +28,6 @@ PROFILES: dict[str, dict[str, dict]] = {
                        "open_set_budget_seconds": 8},
         "embedding_umap": {"n_points": 600, "quick_train_seconds": 20},
         "search_demo": {"quick_train_seconds": 20},
-        "report_figures": {"quick_train_seconds": 20},
         "beyond_triplets": {"budget_seconds": 3, "train_subset": 2000, "val_size": 500, "eval_size": 1000,
                             "n_timed_queries": 20},
     },
@@ -108,7 +108,10 @@ def run_pipeline(
                 f"notebook {notebook.name} failed in cell {exc.exec_count} (code cell #{exc.cell_index}): "
                 f"{exc.ename}: {exc.evalue}\n  executed copy with the traceback: {target}"
             ) from None
-        print(f"    done in {time.perf_counter() - start:.1f} s", flush=True)
+        seconds = time.perf_counter() - start
+        update_results("pipeline", **{notebook.stem: {"seconds": round(seconds, 1), "profile": profile,
+                                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")}})
+        print(f"    done in {seconds:.1f} s", flush=True)
         executed.append(target)
     return executed
 

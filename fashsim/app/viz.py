@@ -165,13 +165,20 @@ def training_curves(history: Sequence[Mapping], *, title: str = "Training"):
     return fig
 
 
-def retrieval_grid(queries: Sequence[np.ndarray], results: Sequence[Sequence], images_of, *,
+def retrieval_grid(queries: Sequence[np.ndarray], results: Sequence[Sequence], images_of=None, *,
                    query_labels: Sequence[str] | None = None, title: str | None = None):
     """One row per query: the query image, then its hits with rank, score and category; hits of
     the query's category (when ``query_labels`` is given) framed green, others red.
 
-    ``results[i]`` is a list of :class:`fashsim.collection.Hit`; ``images_of(hit)`` returns its pixels.
+    ``results[i]`` is a list of :class:`fashsim.search.collection.Hit`; ``images_of(hit)`` returns its
+    pixels (default: the picture its ``source`` names, :func:`fashsim.data.sources.load_source_image`).
     """
+    if images_of is None:
+        from ..data.sources import load_source_image
+
+        def images_of(hit):
+            return load_source_image(hit.source)
+
     k = max((len(r) for r in results), default=0)
     fig, axes = plt.subplots(len(queries), k + 1, figsize=((k + 1) * 1.15, len(queries) * 1.45), squeeze=False)
     for row, (query, hits) in enumerate(zip(queries, results)):

@@ -228,11 +228,17 @@ def load_fashion_mnist(
 
 
 def load_train_val(
-    val_fraction: float = 0.1, seed: int = 0, path: str | os.PathLike | None = None
+    val_fraction: float | None = None, seed: int | None = None, path: str | os.PathLike | None = None
 ) -> tuple[ImageArrayDataset, ImageArrayDataset]:
-    """The official train split cut into stratified train / validation parts (same as notebook 01)."""
+    """The official train split cut into stratified train / validation parts: the course's split
+    (:func:`fashsim.data.course_splits.course_splits`, what notebook 01 saved) unless another
+    ``val_fraction`` or ``seed`` is asked for."""
+    from .course_splits import DEFAULT_SEED, DEFAULT_VAL_FRACTION, load_course_train_val
     from .splits import train_val_test_split
 
+    if path is None and val_fraction in (None, DEFAULT_VAL_FRACTION) and seed in (None, DEFAULT_SEED):
+        return load_course_train_val()
     full = load_fashion_mnist("train", path)
-    parts = train_val_test_split(full.labels, val_fraction=val_fraction, seed=seed)
+    parts = train_val_test_split(full.labels, val_fraction=val_fraction or DEFAULT_VAL_FRACTION,
+                                 seed=DEFAULT_SEED if seed is None else seed)
     return full.subset(parts["train"]), full.subset(parts["val"])

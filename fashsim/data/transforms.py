@@ -151,9 +151,11 @@ def resize_batch(x, size: int):
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def augment_batch(x, generator=None, *, max_shift: int = 2, flip: bool = True):
-    """Light train-time augmentation on a batch ``(N, C, H, W)``, on any device: random horizontal
-    flips and random translations of up to ``max_shift`` pixels (zero padding)."""
+def augment_batch(x, generator=None, *, max_shift: int = 2, flip: bool = True, erase: float = 0.0):
+    """Train-time augmentation of a batch ``(N, C, H, W)``, on any device: random horizontal flips,
+    random translations of up to ``max_shift`` pixels (padded with the batch minimum, the
+    background), and with probability ``erase`` a random rectangle of 2–20 % of the image set to
+    the background (random erasing, Zhong et al. 2020)."""
     import torch
     import torch.nn.functional as F
 
@@ -166,4 +168,17 @@ def augment_batch(x, generator=None, *, max_shift: int = 2, flip: bool = True):
         dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
         dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
         x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if erase > 0:
+        chosen = (torch.rand(n, generator=generator) < erase).tolist()
+        area = (torch.rand(n, generator=generator) * 0.18 + 0.02).tolist()
+        aspect = torch.exp(torch.empty(n).uniform_(-1.2, 1.2, generator=generator)).tolist()
+        corner = torch.rand(n, 2, generator=generator).tolist()
+        background = float(x.min())
+        x = x.clone()
+        for i in range(n):
+            if chosen[i]:
+                eh = max(1, min(h, round((area[i] * h * w * aspect[i]) ** 0.5)))
+                ew = max(1, min(w, round((area[i] * h * w / aspect[i]) ** 0.5)))
+                top, left = int(corner[i][0] * (h - eh + 1)), int(corner[i][1] * (w - ew + 1))
+                x[i, :, top : top + eh, left : left + ew] = background
     return x

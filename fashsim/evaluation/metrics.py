@@ -27,7 +27,8 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def _flat_index(gallery: np.ndarray):
+def exact_index(gallery: np.ndarray):
+    """An exact inner-product FAISS index over the L2-normalised ``gallery`` (cosine similarity)."""
     import faiss
 
     g = _normalise(gallery)
@@ -59,7 +60,7 @@ def knn(
 
     ``exclude_self`` (queries *are* the gallery, same order) drops each query's own index.
     """
-    return _search(_flat_index(gallery), queries, k, np.arange(len(queries)) if exclude_self else None)
+    return _search(exact_index(gallery), queries, k, np.arange(len(queries)) if exclude_self else None)
 
 
 def retrieval_metrics(
@@ -91,7 +92,7 @@ def retrieval_metrics(
         raise ValueError("no query has a relevant gallery item: nothing to measure")
     depth = int(max(max(ks), relevant.max()))
     totals = {f"recall@{k}": 0.0 for k in ks} | {f"precision@{k}": 0.0 for k in ks} | {"r_precision": 0.0, "map@r": 0.0}
-    index = _flat_index(embeddings)
+    index = exact_index(embeddings)
     for start in range(0, len(query_labels), chunk_size):
         chunk = slice(start, min(start + chunk_size, len(query_labels)))
         self_ids = np.arange(chunk.start, chunk.stop) if leave_one_out else None

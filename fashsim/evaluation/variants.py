@@ -1,53 +1,22 @@
-"""Beyond plain triplets: training variants and query-side re-rankers, compared on equal terms.
+"""Variant studies: trained models and query-side re-rankers, compared on equal terms.
 
-The ideas of "Retrieving Similar E-Commerce Images Using Deep Learning" (arXiv 1901.03546) —
-a multi-scale embedding, the angular loss, fractional distances — next to our default recipe,
-plus k-reciprocal re-ranking. Every training variant gets the same data, backbone family and
-wall-clock budget (:func:`train_variants`); every ranking is scored with the same leave-one-out
-metrics and timed per query (:func:`compare_rankings`). Notebook 08 narrates the result.
+The models come from :func:`fashsim.train.variants.train_variants` (same data, backbone family and
+wall-clock budget); every ranking is scored with the same leave-one-out metrics and timed per query
+(:func:`compare_rankings`, :func:`variant_rows`). Notebook 07 narrates the result.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-from ..data.datasets import ImageArrayDataset
 from ..model.inference import embed_arrays
 from ..search.reranking import KReciprocalReranker, fractional_rerank
-from ..train.loop import TrainConfig, train
-from .metrics import knn, retrieval_metrics
-
-#: Training variants: TrainConfig overrides on top of the default recipe.
-VARIANTS: dict[str, dict] = {
-    "default (batch-all triplet)": {},
-    "batch-hard triplet": {"mining": "batch_hard"},
-    "multi-scale head": {"multi_scale": True},
-    "angular loss": {"loss": "angular"},
-    "angular + multi-scale (the paper)": {"loss": "angular", "multi_scale": True},
-}
+from .metrics import exact_index, retrieval_metrics
 
 METRICS = ("recall@1", "recall@5", "map@r")
-
-
-def train_variants(train_data: ImageArrayDataset, val_data: ImageArrayDataset, out_dir: str | Path, *,
-                   seconds: float, variants: dict[str, dict] | None = None, base: TrainConfig | None = None,
-                   progress: bool = False) -> dict[str, dict]:
-    """Train each variant for ``seconds`` (same data, seed and budget); returns
-    ``{name: {"model", "train_seconds", "epochs"}}``. Runs resume from ``out_dir/<n>``."""
-    base = base or TrainConfig.budgeted(seconds)
-    results = {}
-    for i, (name, overrides) in enumerate((variants or VARIANTS).items()):
-        config = replace(base, max_seconds=seconds, **overrides)
-        result = train(config, train_data, val_data, Path(out_dir) / f"variant{i}", progress=progress)
-        last = result.history[-1] if result.history else {}
-        results[name] = {"model": result.model, "train_seconds": last.get("train_seconds", 0.0),
-                         "epochs": last.get("epoch", 0)}
-    return results
 
 
 def _metrics(embeddings: np.ndarray, labels: np.ndarray, rerank=None, depth: int = 100) -> dict:
@@ -58,12 +27,14 @@ def _metrics(embeddings: np.ndarray, labels: np.ndarray, rerank=None, depth: int
 def query_milliseconds(model, images: np.ndarray, gallery: np.ndarray, *, n_queries: int = 200, depth: int = 100,
                        rerank: Callable | None = None) -> float:
     """Mean milliseconds for one query from pixels to ranked list: embed one image, exact FAISS
-    search of the top ``depth``, then ``rerank(query_embedding, candidates)`` if given."""
+    search of the top ``depth`` on an index built once beforehand, then
+    ``rerank(query_embedding, candidates)`` if given."""
     n = min(n_queries, len(images))
+    index = exact_index(gallery)
     start = time.perf_counter()
     for image in images[:n]:
         query = embed_arrays(model, image[None])
-        _, candidates = knn(query, gallery, depth)
+        _, candidates = index.search(query, depth)
         if rerank is not None:
             rerank(query, candidates)
     return 1000.0 * (time.perf_counter() - start) / n

@@ -37,7 +37,8 @@ def training_input_spec(config, images: np.ndarray) -> InputSpec:
     prepared the same way."""
     size = config.image_size or images.shape[1]
     greyscale = images.ndim == 3
-    if config.weights is None and greyscale:
+    weights = config.resolved_weights
+    if weights == "random" and greyscale:
         return replace(FASHION_MNIST_SPEC, size=size)
-    spec = default_input_spec(config.backbone, config.weights or "imagenet")
+    spec = default_input_spec(config.backbone, "imagenet" if weights == "random" else weights)
     return replace(spec, size=size, dark_background=greyscale)

@@ -74,7 +74,8 @@ def _torchvision_backbone(name: str, in_channels: int, weights: str | None) -> t
             f"  - online: run once with network access; torchvision caches them in {cache}\n"
             f"  - offline: copy the file {tv_weights.url.rsplit('/', 1)[-1]} into {cache}\n"
             f"{shipped}"
-            f"  - or train from scratch by asking for random initialisation explicitly: weights=None"
+            f"  - or train from scratch by asking for random initialisation explicitly: weights=None\n"
+            f"    (TrainConfig(weights='random'), `fashsim train --weights random`)"
         ) from None
     if name.startswith("resnet"):
         features = model.fc.in_features

@@ -89,7 +89,7 @@ def shipped_weights_file(backbone: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise WeightsUnavailableError(
             f"the package-shipped ImageNet weights for {backbone} come with {entry.package}, which is not "
-            f"installed.\n  - install it: {INSTALL_HINT}\n  - or train from scratch: weights=None"
+            f"installed.\n  - install it: {INSTALL_HINT}\n  - or train from scratch: weights=None (TrainConfig(weights='random'))"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / entry.relative_path
     if not path.is_file():
