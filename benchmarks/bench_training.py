@@ -2,7 +2,7 @@
 raw pixels, evaluated leave-one-out on the Fashion-MNIST test split; plus the same triplet model
 with flip-averaged embeddings (``EmbeddingNet.flip_average``: no retraining, 2× the query cost).
 
-    .venv/bin/python benchmarks/bench_training.py [--budget 540] [--device auto]
+    .venv/bin/python benchmarks/bench_training.py [--budget SECONDS] [--device auto]
 
 Writes ``reports/benchmarks/training.json`` and leaves the trained default model in
 ``data/models/triplet/model.pt`` (where notebook 03 and the demo look for it).
@@ -26,6 +26,7 @@ from fashsim.model.inference import embed_arrays
 from fashsim.model.networks import EmbeddingNet
 from fashsim.paths import models_dir, reports_dir
 from fashsim.train import TrainConfig, train
+from fashsim.train.config import COURSE_BUDGET_SECONDS
 
 KEYS = ("recall@1", "recall@5", "recall@10", "map@r")
 
@@ -55,14 +56,15 @@ def run(config: TrainConfig, name: str, train_set, val_set, test) -> tuple[dict,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=540.0, help="training seconds per model (default 540)")
+    parser.add_argument("--budget", type=float, default=COURSE_BUDGET_SECONDS,
+                        help=f"training seconds per model (default {COURSE_BUDGET_SECONDS:.0f}, the course recipe's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=str(reports_dir() / "benchmarks" / "training.json"))
     args = parser.parse_args(argv)
 
     train_set, val_set = fashion_mnist.load_train_val()
     test = fashion_mnist.load_fashion_mnist("test")
-    base = TrainConfig.budgeted(args.budget, device=args.device)
+    base = TrainConfig.course(max_seconds=args.budget, device=args.device)
     triplet, model = run(base, "triplet", train_set, val_set, test)
     model.flip_average = True  # the same weights, each image embedded with its mirror image (2× the query cost)
     report = {

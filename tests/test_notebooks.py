@@ -255,6 +255,16 @@ def test_cli_search_and_evaluate_on_the_pipeline_outputs(smoke_run, tmp_path, fm
     assert refused.returncode == 1 and "HTML" in refused.stderr and "Traceback" not in refused.stderr
     scores = subprocess.run([sys.executable, "-m", "fashsim", "evaluate"], capture_output=True, text=True, env=env)
     assert scores.returncode == 0 and json.loads(scores.stdout)["recall@1"] > 0.6
+    # the same model's index in the Milvus store (Milvus Lite), searched through the same command
+    milvus = tmp_path / "fashion.db"
+    built = subprocess.run([sys.executable, "-m", "fashsim", "index", "--store", "milvus", "--out", str(milvus),
+                            "--max-per-split", "300"], capture_output=True, text=True, env=env)
+    assert built.returncode == 0, built.stderr
+    found = subprocess.run([sys.executable, "-m", "fashsim", "search", str(query), "-k", "3", "--store", "milvus",
+                            "--index", str(milvus), "--json"], capture_output=True, text=True, env=env)
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert hits[0]["source"] == "fashion-mnist:test:1" and hits[0]["score"] > 0.999 and len(hits) == 3
 
 
 def test_failing_notebook_is_named(tmp_path, project_home):

@@ -19,6 +19,7 @@ from ..model.networks import EmbeddingNet
 from ..model.persistence import fingerprint, load_model
 from ..paths import data_dir
 from ..search.collection import Collection, CorruptIndexError, IndexMismatchError
+from ..search.stores import build_collection
 from ..train import TrainConfig, train
 
 
@@ -34,9 +35,12 @@ def load_or_train_default(model_path, *, max_seconds: float = 120.0, progress: b
 
 
 def index_fashion_mnist(model: EmbeddingNet, *, splits=("train", "test"), kind: str = "auto",
-                        max_per_split: int | None = None, batch_size: int = 1024, **index_params) -> Collection:
+                        max_per_split: int | None = None, batch_size: int = 1024, store: str | None = None,
+                        location=None, **index_params):
     """A collection over Fashion-MNIST splits (all 70 000 images by default; the first
-    ``max_per_split`` of each split if given), ids ``0..59999`` for train and ``60000..69999`` for test."""
+    ``max_per_split`` of each split if given), ids ``0..59999`` for train and ``60000..69999`` for test,
+    in the vector ``store`` (``faiss`` by default, or ``milvus``; see :mod:`fashsim.search.stores`),
+    saved at ``location`` when given."""
     vectors, records = [], []
     for split in splits:
         data = load_fashion_mnist(split)
@@ -45,8 +49,8 @@ def index_fashion_mnist(model: EmbeddingNet, *, splits=("train", "test"), kind: 
         vectors.append(embed_arrays(model, data.images, batch_size=batch_size))
         records += [{"id": fashion_mnist_id(split, i), "source": fashion_mnist_source(split, i), "category": data.class_names[label]}
                     for i, label in enumerate(data.labels)]
-    return Collection.build(np.concatenate(vectors), records, kind=kind, model_fingerprint=fingerprint(model),
-                            **index_params)
+    return build_collection(np.concatenate(vectors), records, store=store, location=location, kind=kind,
+                            model_fingerprint=fingerprint(model), **index_params)
 
 
 def default_index_dir() -> Path:

@@ -1,8 +1,8 @@
 """Inference: one batched, eval-mode loop that embeds images (search, evaluation) or extracts
 backbone features (the frozen-backbone CPU path), and the on-disk cache of those features.
 
-On two CPU cores a 224 px backbone trains at only ~15–20 images/s, so fine-tuning it is the GPU
-path. On a CPU the backbone stays **frozen**: every image goes through it once
+Fine-tuning a 224 px backbone is the GPU path (``benchmarks/bench_pretrained.py`` measures how slow
+it is on a CPU). On a CPU the backbone stays **frozen**: every image goes through it once
 (:func:`extract_features`), the features are cached on disk (:func:`cached_features`, keyed by
 the backbone's weights, the input format and the images themselves), and only the small triplet
 head (projection + BN-neck) is trained on them. :func:`fashsim.train.train` does this when

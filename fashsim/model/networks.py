@@ -39,8 +39,8 @@ class SmallCNN(nn.Module):
     """A VGG-style CNN for 28×28 images: one conv at full resolution, then two stages of two
     convs (14×14, 7×7), max-pooling in between, global average + max pooling at the end.
 
-    About 0.3 M parameters and ~22 M multiply-adds per image: it trains at over a thousand
-    images per second on two CPU cores.
+    About 0.3 M parameters: small enough to train from scratch on a CPU (its throughput is in
+    ``reports/benchmarks/training.json``).
     """
 
     def __init__(self, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
@@ -96,9 +96,11 @@ def _torchvision_backbone(name: str, in_channels: int, weights: str | None) -> t
     return model, features
 
 
-def build_backbone(name: str, *, in_channels: int = 1, weights: str | None = None) -> tuple[nn.Module, int]:
+def build_backbone(name: str, *, in_channels: int = 1, weights: str | None = None,
+                   widths: tuple[int, int, int] | None = None) -> tuple[nn.Module, int]:
     """``(module, feature_dim)`` for a backbone name in :data:`BACKBONES` and ``weights`` in
-    :data:`WEIGHTS` (see the module docstring)."""
+    :data:`WEIGHTS` (see the module docstring); ``widths``: the stage widths of ``small_cnn``
+    (default 32, 64, 128)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if weights not in WEIGHTS:
@@ -108,8 +110,10 @@ def build_backbone(name: str, *, in_channels: int = 1, weights: str | None = Non
     if name == "small_cnn":
         if weights is not None:
             raise ValueError("small_cnn has no pretrained weights; use weights=None")
-        net = SmallCNN(in_channels)
+        net = SmallCNN(in_channels, tuple(widths)) if widths else SmallCNN(in_channels)
         return net, net.out_features
+    if widths:
+        raise ValueError("widths apply to small_cnn only")
     if name == "efficientnet_lite0" or weights == "shipped":
         if weights is None:  # random init: timm's architecture without any file
             return _timm_efficientnet_lite0(in_channels)
@@ -190,12 +194,14 @@ class EmbeddingNet(nn.Module):
         num_classes: int = 0,
         multi_scale: bool = False,
         flip_average: bool = False,
+        backbone_widths: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         if input_spec is None:
             input_spec = default_input_spec(backbone, weights, in_channels)
         in_channels = in_channels or input_spec.channels
-        self.backbone, features = build_backbone(backbone, in_channels=in_channels, weights=weights)
+        self.backbone, features = build_backbone(backbone, in_channels=in_channels, weights=weights,
+                                                 widths=backbone_widths)
         if multi_scale:
             self.backbone = MultiScaleBackbone(self.backbone, features, MID_STAGES[backbone], in_channels)
             features = self.backbone.out_features
@@ -214,6 +220,8 @@ class EmbeddingNet(nn.Module):
             "multi_scale": multi_scale,
             "flip_average": flip_average,
         }
+        if backbone_widths:  # only when not the default, so existing models keep their fingerprints
+            self.config["backbone_widths"] = [int(w) for w in backbone_widths]
 
     @property
     def input_spec(self) -> InputSpec:

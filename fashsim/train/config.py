@@ -139,10 +139,6 @@ def setting_defaults() -> dict[str, object]:
     return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
-def setting_help(name: str) -> str:
-    return next(f.metadata.get("help", "") for f in fields(TrainConfig) if f.name == name)
-
-
 def _parse_optional(parse):
     def parser(text: str):
         return None if text.lower() in ("none", "null", "") else parse(text)
