@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="embed all 70 000 Fashion-MNIST images and save a FAISS index")
     index.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
-    index.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    index.add_argument("--kind", default="auto", help="auto (by size), flat, hnsw, ivfpq, ivfpq_refine, ivfsq, or a FAISS "
+                       "factory string (default auto)")
     index.add_argument("--out", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)")
     index.add_argument("--store", choices=["faiss", "milvus"], help="vector store (default: $FASHSIM_STORE or faiss)")
     index.add_argument("--max-per-split", type=int, metavar="N", help="index only the first N images of each split")

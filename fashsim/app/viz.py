@@ -210,7 +210,7 @@ def index_comparison(rows: Sequence[Mapping], *, k: int = 10):
         mine = [r for r in rows if r["kind"] == kind]
         ax.plot([r["qps"] for r in mine], [r[f"recall@{k}"] for r in mine], marker="o", label=kind)
         for r in mine:
-            effort = {n: v for n, v in r["params"].items() if n in ("ef_search", "nprobe")}
+            effort = {n: v for n, v in r["params"].items() if n in ("ef_search", "nprobe", "k_factor")}
             if effort:
                 ax.annotate(", ".join(f"{n}={v}" for n, v in effort.items()), (r["qps"], r[f"recall@{k}"]),
                             fontsize=7, xytext=(3, -9), textcoords="offset points")

@@ -5,7 +5,7 @@ saved to / loaded from one directory safely.
 On disk::
 
     <directory>/CURRENT                 name of the complete version to load
-    <directory>/v-<timestamp>/manifest.json   format, model fingerprint, dim, kind, params, sha256 of files
+    <directory>/v-<timestamp>/manifest.json   format, model fingerprint, dim, kind, factory, params, sha256 of files
     <directory>/v-<timestamp>/vectors.faiss
     <directory>/v-<timestamp>/ids.npy
     <directory>/v-<timestamp>/catalog.sqlite
@@ -13,7 +13,9 @@ On disk::
 A save writes a whole new version (files fsync'ed) and only then switches ``CURRENT`` with an
 atomic rename, so a process killed mid-save leaves the previous version loadable. Loading
 verifies the checksums (a truncated or corrupted file is refused) and, given the model, that the
-index was built by that very model (dimension and fingerprint).
+index was built by that very model (dimension and fingerprint). ``factory`` is the FAISS factory
+string of the index (:mod:`fashsim.search.index`); collections saved before it was recorded have
+only ``kind`` and load as well.
 """
 
 from __future__ import annotations
@@ -60,23 +62,38 @@ class Hit:
 class Collection:
     """Vectors + metadata with one id space (see the module docstring)."""
 
-    def __init__(self, dim: int, kind: str = "flat", *, model_fingerprint: str | None = None,
-                 use_gpu: bool | str = "auto", **index_params) -> None:
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "flat",
+        *,
+        model_fingerprint: str | None = None,
+        use_gpu: bool | str = "auto",
+        **index_params,
+    ) -> None:
         self.index = VectorIndex(dim, kind, use_gpu=use_gpu, **index_params)
         self.metadata = MetadataStore()
         self.model_fingerprint = model_fingerprint
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, records: Sequence[Mapping], *, kind: str = "auto",
-              model_fingerprint: str | None = None, train_sample: int = 100_000, seed: int = 0,
-              **index_params) -> Collection:
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        records: Sequence[Mapping],
+        *,
+        kind: str = "auto",
+        model_fingerprint: str | None = None,
+        train_sample: int = 100_000,
+        seed: int = 0,
+        **index_params,
+    ) -> Collection:
         """A new collection over ``embeddings`` (one record per row); ``kind='auto'`` picks by size."""
         kind = choose_kind(len(embeddings)) if kind == "auto" else kind
         collection = cls(embeddings.shape[1], kind, model_fingerprint=model_fingerprint, **index_params)
         if collection.index.needs_training:
             rng = np.random.default_rng(seed)
             sample = embeddings[rng.choice(len(embeddings), min(train_sample, len(embeddings)), replace=False)]
-            collection.index.train(sample)
+            collection.index.train(sample, n_items=len(embeddings))
         collection.add(embeddings, records)
         return collection
 
@@ -110,8 +127,15 @@ class Collection:
         return self.metadata.categories()
 
     # ------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int = 10, *, category: str | None = None,
-               where: Callable[[dict], bool] | None = None, log: bool = False) -> list[list[Hit]]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        category: str | None = None,
+        where: Callable[[dict], bool] | None = None,
+        log: bool = False,
+    ) -> list[list[Hit]]:
         """Top-``k`` hits per query, optionally only of ``category`` and/or records for which
         ``where(record)`` is true."""
         allowed = None
@@ -126,8 +150,14 @@ class Collection:
             valid = row_ids >= 0
             records = self.metadata.get(row_ids[valid])
             hits = [
-                Hit(rank=r + 1, id=int(i), score=float(s), category=rec["category"], source=rec["source"],
-                    extra={k_: v for k_, v in rec.items() if k_ not in ("id", "source", "category")})
+                Hit(
+                    rank=r + 1,
+                    id=int(i),
+                    score=float(s),
+                    category=rec["category"],
+                    source=rec["source"],
+                    extra={k_: v for k_, v in rec.items() if k_ not in ("id", "source", "category")},
+                )
                 for r, (i, s, rec) in enumerate(zip(row_ids[valid], row_scores[valid], records))
             ]
             if log:
@@ -184,6 +214,7 @@ class Collection:
             "model_fingerprint": self.model_fingerprint,
             "embedding_dim": self.dim,
             "kind": self.index.kind,
+            "factory": self.index.factory,
             "params": self.index.params,
             "count": len(ids),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -202,15 +233,18 @@ class Collection:
         return final
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, model=None, expected_dim: int | None = None,
-             use_gpu: bool | str = "auto") -> Collection:
+    def load(
+        cls, directory: str | os.PathLike, *, model=None, expected_dim: int | None = None, use_gpu: bool | str = "auto"
+    ) -> Collection:
         """Load the current version of ``directory``. With ``model`` (an EmbeddingNet), refuse an
         index built by another model; checksums guard against truncated or corrupted files."""
         directory = Path(directory)
         pointer = directory / "CURRENT"
         if not pointer.is_file():
-            raise CorruptIndexError(f"no saved index in {directory} (CURRENT is missing): build it first "
-                                    "(notebook 03 or `python -m fashsim index`)")
+            raise CorruptIndexError(
+                f"no saved index in {directory} (CURRENT is missing): build it first "
+                "(notebook 03 or `python -m fashsim index`)"
+            )
         version = directory / pointer.read_text().strip()
         try:
             manifest = json.loads((version / "manifest.json").read_text())
@@ -221,8 +255,9 @@ class Collection:
         for name in FILES:
             path = version / name
             if not path.is_file() or sha256_file(path) != manifest["sha256"][name]:
-                raise CorruptIndexError(f"{path} is missing, truncated or corrupted (checksum mismatch); "
-                                        "rebuild the index")
+                raise CorruptIndexError(
+                    f"{path} is missing, truncated or corrupted (checksum mismatch); rebuild the index"
+                )
         if model is not None:
             from ..model.persistence import fingerprint
 
@@ -235,12 +270,19 @@ class Collection:
                     "(notebook 03 or `python -m fashsim index`)"
                 )
         if expected_dim is not None and manifest["embedding_dim"] != expected_dim:
-            raise IndexMismatchError(f"the index holds {manifest['embedding_dim']}-d vectors, the model makes "
-                                     f"{expected_dim}-d embeddings: rebuild the index with this model")
+            raise IndexMismatchError(
+                f"the index holds {manifest['embedding_dim']}-d vectors, the model makes "
+                f"{expected_dim}-d embeddings: rebuild the index with this model"
+            )
         collection = cls.__new__(cls)
         collection.index = VectorIndex.from_bytes(
-            (version / "vectors.faiss").read_bytes(), np.load(version / "ids.npy"), kind=manifest["kind"],
-            dim=manifest["embedding_dim"], params=manifest["params"], use_gpu=use_gpu,
+            (version / "vectors.faiss").read_bytes(),
+            np.load(version / "ids.npy"),
+            kind=manifest["kind"],
+            dim=manifest["embedding_dim"],
+            params=manifest["params"],
+            factory=manifest.get("factory"),
+            use_gpu=use_gpu,
         )
         collection.metadata = MetadataStore.load(version / "catalog.sqlite")
         collection.model_fingerprint = manifest["model_fingerprint"]
