@@ -55,8 +55,9 @@ def fine_tune_images_per_second(backbone: str, device: torch.device, steps: int 
 
 
 def frozen_run(backbone: str, size: int, budget: float, train_set, val_set, test, device: str) -> dict:
-    config = TrainConfig.budgeted(budget, backbone=backbone, weights="shipped", freeze_backbone=True, image_size=size,
-                                  lr=1e-3, device=device)
+    config = TrainConfig.budgeted(
+        budget, backbone=backbone, weights="shipped", freeze_backbone=True, image_size=size, lr=1e-3, device=device
+    )
     out = models_dir() / f"bench_frozen_{backbone}"
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: extraction is part of what we measure

@@ -56,8 +56,12 @@ def run(config: TrainConfig, name: str, train_set, val_set, test) -> tuple[dict,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=COURSE_BUDGET_SECONDS,
-                        help=f"training seconds per model (default {COURSE_BUDGET_SECONDS:.0f}, the course recipe's)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=COURSE_BUDGET_SECONDS,
+        help=f"training seconds per model (default {COURSE_BUDGET_SECONDS:.0f}, the course recipe's)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=str(reports_dir() / "benchmarks" / "training.json"))
     args = parser.parse_args(argv)

@@ -70,9 +70,22 @@ def gpu_recipe():
     batch-all mining + cross-entropy on the BN-neck, stronger augmentation, float16 AMP."""
     from fashsim.train import TrainConfig
 
-    return TrainConfig.budgeted(170, backbone="resnet18", weights="random", image_size=56, p=10, k=32,
-                                mining="batch_all", ce_weight=0.5, lr=1e-3, weight_decay=0.05, augment_shift=6,
-                                augment_erase=0.5, device="cuda", amp=True)
+    return TrainConfig.budgeted(
+        170,
+        backbone="resnet18",
+        weights="random",
+        image_size=56,
+        p=10,
+        k=32,
+        mining="batch_all",
+        ce_weight=0.5,
+        lr=1e-3,
+        weight_decay=0.05,
+        augment_shift=6,
+        augment_erase=0.5,
+        device="cuda",
+        amp=True,
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,20 +128,32 @@ def main(argv=None) -> int:
     info["device_requested"] = args.device
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info |= {"device_name": torch.cuda.get_device_name(0), "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                 "multiprocessors": props.multi_processor_count}
+        info |= {
+            "device_name": torch.cuda.get_device_name(0),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count,
+        }
         torch.backends.cudnn.benchmark = True  # fixed P×K batch shapes: let cuDNN pick its fastest kernels
     info["checks"] = {}
     info["errors"] = {}
     report.write()
 
     shm = Path("/dev/shm")
-    workdir = Path(args.workdir) if args.workdir else Path(
-        tempfile.mkdtemp(prefix="fashsim-gpu-check-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+    workdir = (
+        Path(args.workdir)
+        if args.workdir
+        else Path(
+            tempfile.mkdtemp(prefix="fashsim-gpu-check-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
+        )
+    )
     info["workdir"] = str(workdir)
     context: dict = {}
-    steps = (("amp_training", check_training), ("quality", check_quality),
-             ("checkpoint_gpu_to_cpu", check_checkpoint), ("faiss", check_faiss))
+    steps = (
+        ("amp_training", check_training),
+        ("quality", check_quality),
+        ("checkpoint_gpu_to_cpu", check_checkpoint),
+        ("faiss", check_faiss),
+    )
     try:
         for name, check in steps:
             t0 = time.perf_counter()
@@ -147,16 +172,25 @@ def main(argv=None) -> int:
     info["ok"] = all(c.get("ok") for c in info["checks"].values())
     info["wall_seconds"] = round(time.perf_counter() - start, 1)
     report.write()
-    print(json.dumps({k: v for k, v in info.items() if k != "checks"} | {"checks": _summary(info["checks"])}, indent=1,
-                     default=str))
-    print(f"gpu_check: {'all checks passed' if info['ok'] else 'SOME CHECKS FAILED'}; "
-          f"quality goal R@1 >= {GOAL_R1}: {info['checks'].get('quality', {}).get('goal_met')}; wrote {report.path}")
+    print(
+        json.dumps(
+            {k: v for k, v in info.items() if k != "checks"} | {"checks": _summary(info["checks"])},
+            indent=1,
+            default=str,
+        )
+    )
+    print(
+        f"gpu_check: {'all checks passed' if info['ok'] else 'SOME CHECKS FAILED'}; "
+        f"quality goal R@1 >= {GOAL_R1}: {info['checks'].get('quality', {}).get('goal_met')}; wrote {report.path}"
+    )
     return 0 if info["ok"] else 1
 
 
 def _summary(checks: dict) -> dict:
     """The report without tracebacks and per-epoch lists (for the console)."""
-    return {name: {k: v for k, v in check.items() if k not in ("traceback", "per_epoch")} for name, check in checks.items()}
+    return {
+        name: {k: v for k, v in check.items() if k not in ("traceback", "per_epoch")} for name, check in checks.items()
+    }
 
 
 # --- 1 + 2: one CUDA training run (float16 AMP), then its quality on the test split ------------------
@@ -187,8 +221,16 @@ def check_training(args, workdir: Path, context: dict) -> dict:
     history = saved["history"]
     blob = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     scaler_state = blob.get("scaler") or {}
-    context.update(config=config, result=result, out=out, train_set=train_set, val_set=val_set, test=test,
-                   history=history, train_wall=wall)
+    context.update(
+        config=config,
+        result=result,
+        out=out,
+        train_set=train_set,
+        val_set=val_set,
+        test=test,
+        history=history,
+        train_wall=wall,
+    )
 
     losses = [h["train_loss"] for h in history]
     numbers = [v for h in history for v in h.values() if isinstance(v, (int, float))]
@@ -209,10 +251,14 @@ def check_training(args, workdir: Path, context: dict) -> dict:
         "loss_min": _round(min(losses)),
         "loss_falls": loss_falls,
         "no_nan": no_nan,
-        "active_triplets_first_last": [_round(history[0].get("train_active_fraction")),
-                                       _round(history[-1].get("train_active_fraction"))],
-        "cross_entropy_first_last": [_round(history[0].get("train_cross_entropy")),
-                                     _round(history[-1].get("train_cross_entropy"))],
+        "active_triplets_first_last": [
+            _round(history[0].get("train_active_fraction")),
+            _round(history[-1].get("train_active_fraction")),
+        ],
+        "cross_entropy_first_last": [
+            _round(history[0].get("train_cross_entropy")),
+            _round(history[-1].get("train_cross_entropy")),
+        ],
         "images_per_second": round(images / train_seconds, 1),  # images over optimisation time
         "images_per_second_epoch_wall": round(float(np.median(steady)), 1),  # epoch wall clock, median after epoch 1
         "epochs": len(history),
@@ -224,9 +270,13 @@ def check_training(args, workdir: Path, context: dict) -> dict:
         "stopped": result.stopped,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
         "recipe": config.to_dict(),
-        "per_epoch": [{k: _round(h[k]) if isinstance(h[k], float) else h[k]
-                       for k in ("epoch", "train_loss", "val_recall@1", "val_map@r", "images_per_second", "train_seconds")}
-                      for h in history],
+        "per_epoch": [
+            {
+                k: _round(h[k]) if isinstance(h[k], float) else h[k]
+                for k in ("epoch", "train_loss", "val_recall@1", "val_map@r", "images_per_second", "train_seconds")
+            }
+            for h in history
+        ],
     }
     return check
 
@@ -295,9 +345,11 @@ def check_checkpoint(args, workdir: Path, context: dict) -> dict:
     def compare(a, b) -> dict:
         nn_a = np.argsort(-(a @ a.T) - 2 * np.eye(len(a)), axis=1)[:, 0]  # nearest other item
         nn_b = np.argsort(-(b @ b.T) - 2 * np.eye(len(b)), axis=1)[:, 0]
-        return {"max_abs_diff": float(np.abs(a - b).max()),
-                "min_cosine": _round(float(np.min(np.sum(a * b, axis=1))), 7),
-                "nearest_neighbour_agreement": _round(float(np.mean(nn_a == nn_b)))}
+        return {
+            "max_abs_diff": float(np.abs(a - b).max()),
+            "min_cosine": _round(float(np.min(np.sum(a * b, axis=1))), 7),
+            "nearest_neighbour_agreement": _round(float(np.mean(nn_a == nn_b))),
+        }
 
     strict = compare(gpu_fp32, cpu)
     default = compare(gpu_default, cpu)
@@ -314,9 +366,13 @@ def check_checkpoint(args, workdir: Path, context: dict) -> dict:
     resume_wall = time.perf_counter() - t0
     saved = json.loads((resume_dir / "history.json").read_text())
     last = resumed.history[-1]
-    resume_ok = bool(len(resumed.history) == gpu_epochs + 1 and last["epoch"] == gpu_epochs + 1
-                     and last["steps"] > gpu_steps and saved["device"] == "cpu"
-                     and _finite([v for v in last.values() if isinstance(v, (int, float))]))
+    resume_ok = bool(
+        len(resumed.history) == gpu_epochs + 1
+        and last["epoch"] == gpu_epochs + 1
+        and last["steps"] > gpu_steps
+        and saved["device"] == "cpu"
+        and _finite([v for v in last.values() if isinstance(v, (int, float))])
+    )
     return {
         "ok": bool(embeddings_ok and resume_ok),
         "load_model_cpu": {
@@ -330,7 +386,7 @@ def check_checkpoint(args, workdir: Path, context: dict) -> dict:
         "resume_on_cpu": {
             "ok": resume_ok,
             "checkpoint": "checkpoint.pt written by the CUDA run, train(replace(config, device='cpu', max_seconds=+"
-                          f"{args.resume_seconds:g}), ..., resume=True)",
+            f"{args.resume_seconds:g}), ..., resume=True)",
             "gpu_epochs": gpu_epochs,
             "resumed_epochs": len(resumed.history),
             "cpu_steps": last["steps"] - gpu_steps,
@@ -364,8 +420,12 @@ def _agreement(ids, sims, exact_ids, exact_sims, queries, gallery) -> dict:
     tie_aware = float(np.mean((true >= exact_sims[:, -1:] - 1e-5) & (ids >= 0)))
     same_rows = float(np.mean(np.all(ids == exact_ids, axis=1)))
     recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, exact_ids)]))
-    return {"tie_aware_recall": _round(tie_aware), "recall_vs_exact_ids": _round(recall),
-            "identical_id_lists": _round(same_rows), "max_abs_score_diff": float(np.abs(sims - true).max())}
+    return {
+        "tie_aware_recall": _round(tie_aware),
+        "recall_vs_exact_ids": _round(recall),
+        "identical_id_lists": _round(same_rows),
+        "max_abs_score_diff": float(np.abs(sims - true).max()),
+    }
 
 
 def _in_filter(ids, allowed: np.ndarray) -> bool:
@@ -389,8 +449,11 @@ def check_faiss(args, workdir: Path, context: dict) -> dict:
         return _agreement(found[1], found[0], reference[1], reference[0], queries, gallery)
 
     def filtered(found) -> dict:
-        return {"filter": "labels in {0, 2, 4, 6}", "all_results_in_filter": _in_filter(found[1], allowed),
-                **compare(found, exact_filtered)}
+        return {
+            "filter": "labels in {0, 2, 4, 6}",
+            "all_results_in_filter": _in_filter(found[1], allowed),
+            **compare(found, exact_filtered),
+        }
 
     flat = faiss.IndexFlatIP(d)
     flat.add(gallery)
@@ -410,11 +473,22 @@ def check_faiss(args, workdir: Path, context: dict) -> dict:
     def exact_ok(found: dict) -> bool:  # exact search: right ids up to ties, right scores
         return found["tie_aware_recall"] >= 0.999 and found["max_abs_score_diff"] < 1e-4
 
-    cpu_ok = bool(exact_ok(cpu["flat"]) and cpu["ivf"]["tie_aware_recall"] >= 0.9
-                  and cpu["filtered_flat"]["all_results_in_filter"] and exact_ok(cpu["filtered_flat"]))
-    result = {"faiss_version": faiss.__version__, "gallery": len(gallery), "queries": len(queries), "k": k,
-              "embeddings": "the trained model's test-split embeddings (unit length, inner product)",
-              "reference": "exact numpy search", "cpu": cpu, "cpu_ok": cpu_ok}
+    cpu_ok = bool(
+        exact_ok(cpu["flat"])
+        and cpu["ivf"]["tie_aware_recall"] >= 0.9
+        and cpu["filtered_flat"]["all_results_in_filter"]
+        and exact_ok(cpu["filtered_flat"])
+    )
+    result = {
+        "faiss_version": faiss.__version__,
+        "gallery": len(gallery),
+        "queries": len(queries),
+        "k": k,
+        "embeddings": "the trained model's test-split embeddings (unit length, inner product)",
+        "reference": "exact numpy search",
+        "cpu": cpu,
+        "cpu_ok": cpu_ok,
+    }
 
     gpu_support = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if not gpu_support:
@@ -425,7 +499,9 @@ def check_faiss(args, workdir: Path, context: dict) -> dict:
     res = faiss.StandardGpuResources()
     gpu_flat_index = faiss.index_cpu_to_gpu(res, 0, flat)
     found = gpu_flat_index.search(queries, k)
-    gpu_flat = compare(found) | {"same_ids_as_cpu_flat": _round(float(np.mean(np.all(found[1] == flat_found[1], axis=1))))}
+    gpu_flat = compare(found) | {
+        "same_ids_as_cpu_flat": _round(float(np.mean(np.all(found[1] == flat_found[1], axis=1))))
+    }
     gpu_ivf_index = faiss.index_cpu_to_gpu(res, 0, ivf)
     faiss.GpuParameterSpace().set_index_parameter(gpu_ivf_index, "nprobe", 10)
     gpu_ivf = {"nlist": 100, "nprobe": 10, **compare(gpu_ivf_index.search(queries, k))}

@@ -20,7 +20,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="benchmark names, e.g. training search")
     args = parser.parse_args(argv)
-    scripts = sorted(HERE.glob("bench_*.py"), key=lambda p: (ORDER.index(p.stem[6:]) if p.stem[6:] in ORDER else 99, p.name))
+    scripts = sorted(
+        HERE.glob("bench_*.py"), key=lambda p: (ORDER.index(p.stem[6:]) if p.stem[6:] in ORDER else 99, p.name)
+    )
     if args.only:
         scripts = [s for s in scripts if s.stem[6:] in args.only]
     for script in scripts:

@@ -1,3 +1,4 @@
+import contextlib
 import sys
 from pathlib import Path
 
@@ -8,6 +9,28 @@ sys.path.insert(0, str(Path(__file__).parent))  # image_fixtures
 from fashsim.data import fashion_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def faiss_without_torch_patch():
+    """FAISS index methods as FAISS defines them, for code run in this process that calls them with
+    FAISS's own keyword arguments (Milvus Lite's engine): pytorch-metric-learning, imported by the
+    metric tests, imports ``faiss.contrib.torch_utils``, which replaces them process-wide (keeping the
+    originals as ``<method>_numpy``)."""
+    import faiss
+
+    swapped = []
+    for cls in (obj for obj in vars(faiss).values() if isinstance(obj, type)):
+        for name, original in list(vars(cls).items()):
+            if name.endswith("_numpy") and name[: -len("_numpy")] in vars(cls):
+                method = name[: -len("_numpy")]
+                swapped.append((cls, method, vars(cls)[method]))
+                setattr(cls, method, original)
+    try:
+        yield
+    finally:
+        for cls, method, patched in swapped:
+            setattr(cls, method, patched)
 
 
 @pytest.fixture(scope="session")

@@ -81,8 +81,13 @@ def test_offline_without_copy_names_every_option(isolated_search, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as info:
         fashion_mnist.load_fashion_mnist("train")
     message = str(info.value)
-    for hint in ("$FASHSIM_DATA", "apt-get install dataset-fashion-mnist", "python -m fashsim data --download",
-                 "127.0.0.1:9", str(fashion_mnist.default_download_dir())):
+    for hint in (
+        "$FASHSIM_DATA",
+        "apt-get install dataset-fashion-mnist",
+        "python -m fashsim data --download",
+        "127.0.0.1:9",
+        str(fashion_mnist.default_download_dir()),
+    ):
         assert hint in message
     with pytest.raises(DatasetNotFoundError, match="not attempted"):
         fashion_mnist.load_fashion_mnist("train", download=False)

@@ -107,7 +107,16 @@ def test_inputs_of_every_kind(tmp_path):
     data = encode(photo, "PNG")
     path = tmp_path / "photo.png"
     path.write_bytes(data)
-    for source in (data, memoryview(data), bytearray(data), io.BytesIO(data), path, str(path), photo, np.asarray(photo)):
+    for source in (
+        data,
+        memoryview(data),
+        bytearray(data),
+        io.BytesIO(data),
+        path,
+        str(path),
+        photo,
+        np.asarray(photo),
+    ):
         assert uploads.load_image(source).size == photo.size
     with pytest.raises(InvalidImageError, match="cannot read an image"):
         uploads.load_image(12345)

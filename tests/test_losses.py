@@ -73,8 +73,9 @@ def test_uneven_classes_match_pml(mining, type_of_triplets):
     distance = _pml_distance("euclidean")
     triplets = miners.TripletMarginMiner(margin=0.4, type_of_triplets=type_of_triplets, distance=distance)(x, labels)
     reducer = None if mining == "batch_all" else reducers.MeanReducer()  # AvgNonZero for batch-all
-    reference = pml_losses.TripletMarginLoss(margin=0.4, distance=distance,
-                                             **({"reducer": reducer} if reducer else {}))(x, labels, triplets)
+    reference = pml_losses.TripletMarginLoss(
+        margin=0.4, distance=distance, **({"reducer": reducer} if reducer else {})
+    )(x, labels, triplets)
     assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
     (g_ours,) = torch.autograd.grad(ours.loss, x)
     (g_ref,) = torch.autograd.grad(reference, x)

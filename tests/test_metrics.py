@@ -36,8 +36,9 @@ def test_map_at_r_by_hand():
     # query q with R=2 relevant items ranked 1st and 3rd: MAP@R = (1/2)(1/1 + 0) = 0.5
     gallery = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.3], [0.0, 1.0]], np.float32)
     labels = np.array([1, 0, 1, 0])
-    m = metrics.retrieval_metrics(gallery, labels, query_embeddings=np.array([[1.0, 0.02]]),
-                                  query_labels=np.array([1]), ks=(1,))
+    m = metrics.retrieval_metrics(
+        gallery, labels, query_embeddings=np.array([[1.0, 0.02]]), query_labels=np.array([1]), ks=(1,)
+    )
     assert m["map@r"] == pytest.approx(0.5) and m["r_precision"] == pytest.approx(0.5)
 
 
@@ -45,8 +46,9 @@ def test_map_at_r_by_hand():
 def test_leave_one_out_matches_pytorch_metric_learning(seed):
     x, labels = clustered(seed=seed)
     ours = metrics.retrieval_metrics(x, labels, ks=(1,))
-    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-                              k="max_bin_count", device=None)
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), k="max_bin_count", device=None
+    )
     import torch
 
     ref = calc.get_accuracy(torch.from_numpy(metrics._normalise(x)), torch.from_numpy(labels))
@@ -62,8 +64,12 @@ def test_query_vs_gallery_matches_pytorch_metric_learning():
     q, g, ql, gl = x[:200], x[200:], labels[:200], labels[200:]
     ours = metrics.retrieval_metrics(g, gl, query_embeddings=q, query_labels=ql, ks=(1,))
     calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count")
-    ref = calc.get_accuracy(torch.from_numpy(metrics._normalise(q)), torch.from_numpy(ql),
-                            torch.from_numpy(metrics._normalise(g)), torch.from_numpy(gl))
+    ref = calc.get_accuracy(
+        torch.from_numpy(metrics._normalise(q)),
+        torch.from_numpy(ql),
+        torch.from_numpy(metrics._normalise(g)),
+        torch.from_numpy(gl),
+    )
     assert ours["precision@1"] == pytest.approx(ref["precision_at_1"], abs=1e-6)
     assert ours["map@r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-6)
 

@@ -79,8 +79,10 @@ def test_unreadable_model_files(tmp_path):
         persistence.load_model(path)
 
 
-@pytest.mark.parametrize("name,channels,size", [("small_cnn", 1, 28), ("resnet18", 1, 64), ("mobilenet_v2", 3, 64),
-                                                ("efficientnet_lite0", 3, 64)])
+@pytest.mark.parametrize(
+    "name,channels,size",
+    [("small_cnn", 1, 28), ("resnet18", 1, 64), ("mobilenet_v2", 3, 64), ("efficientnet_lite0", 3, 64)],
+)
 def test_multi_scale_adds_intermediate_features(name, channels, size):
     torch.manual_seed(0)
     single = models.EmbeddingNet(name, in_channels=channels)
@@ -93,7 +95,8 @@ def test_multi_scale_adds_intermediate_features(name, channels, size):
     assert torch.allclose(features[:, : top.shape[1]], top)
     stage_output = []
     multi.backbone.backbone.get_submodule(models.MID_STAGES[name]).register_forward_hook(
-        lambda m, i, o: stage_output.append(o))
+        lambda m, i, o: stage_output.append(o)
+    )
     multi.backbone.backbone(x)
     assert torch.allclose(features[:, top.shape[1] : top.shape[1] + mid], stage_output[0].mean((2, 3)), atol=1e-5)
     out = multi(x)

@@ -19,8 +19,17 @@ from fashsim.data import splits
 from fashsim.train import TrainConfig
 
 NOTEBOOKS = pipeline.course_notebooks(REPO / "notebooks")
-COURSE_ORDER = ["dataset_prep", "triplet_training", "faiss_indexing", "evaluation", "embedding_umap", "search_demo",
-                "beyond_triplets", "your_own_shop", "report"]
+COURSE_ORDER = [
+    "dataset_prep",
+    "triplet_training",
+    "faiss_indexing",
+    "evaluation",
+    "embedding_umap",
+    "search_demo",
+    "beyond_triplets",
+    "your_own_shop",
+    "report",
+]
 
 
 def test_notebooks_follow_the_course_order_and_the_report_is_last():
@@ -162,7 +171,8 @@ def test_04_evaluation_metrics_match_an_independent_implementation(smoke_run, fm
     model = load_model(home / "data" / "models" / "triplet" / "model.pt")
     emb = torch.from_numpy(embed_arrays(model, fmnist_test.images[:1500]))
     ref = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count").get_accuracy(
-        emb, torch.from_numpy(fmnist_test.labels[:1500]))
+        emb, torch.from_numpy(fmnist_test.labels[:1500])
+    )
     assert ours["recall@1"] == pytest.approx(ref["precision_at_1"], abs=1e-6)
     assert ours["map@r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-5)
     assert report["recall_at_k"]["triplet (ours)"]["1"] == pytest.approx(ours["recall@1"])
@@ -222,8 +232,18 @@ def test_the_report_is_last_and_holds_every_notebooks_results(smoke_run):
     assert f"| triplet (ours) | {round(ours, 4):.4g} |" in report  # the table quotes the recorded results
     beyond = _results(home, "beyond_triplets")
     assert f"| {beyond['closed_set'][1]['variant']} | {beyond['closed_set'][1]['recall@1']:.4g} |" in report
-    for heading in ("Pipeline run", "Data", "Training the triplet network", "Recall@K", "Per-category Recall@1",
-                    "Open set", "Vector index", "Embedding space", "Search demo", "Beyond triplets"):
+    for heading in (
+        "Pipeline run",
+        "Data",
+        "Training the triplet network",
+        "Recall@K",
+        "Per-category Recall@1",
+        "Open set",
+        "Vector index",
+        "Embedding space",
+        "Search demo",
+        "Beyond triplets",
+    ):
         assert f"## {heading}" in report, heading
     times = _results(home, "pipeline")
     assert all(f"| {nb.stem} |" in report for nb in NOTEBOOKS[:-1]) and set(times) >= {nb.stem for nb in NOTEBOOKS[:-1]}
@@ -243,25 +263,48 @@ def test_cli_search_and_evaluate_on_the_pipeline_outputs(smoke_run, tmp_path, fm
     env = {**os.environ, "FASHSIM_HOME": str(home)}
     query = tmp_path / "query.png"
     Image.fromarray(fmnist_test.images[1]).save(query)  # test image 1 is in the smoke index (id 60001)
-    found = subprocess.run([sys.executable, "-m", "fashsim", "search", str(query), "-k", "3"],
-                           capture_output=True, text=True, env=env)
+    found = subprocess.run(
+        [sys.executable, "-m", "fashsim", "search", str(query), "-k", "3"], capture_output=True, text=True, env=env
+    )
     assert found.returncode == 0, found.stderr
     first = found.stdout.splitlines()[0].split()
     assert first[0] == "1" and float(first[1]) > 0.999 and first[-1] == "fashion-mnist:test:1"
     page = tmp_path / "page.jpg"
     page.write_text("<html><body>not a photo</body></html>")
-    refused = subprocess.run([sys.executable, "-m", "fashsim", "search", str(page)], capture_output=True, text=True,
-                             env=env)
+    refused = subprocess.run(
+        [sys.executable, "-m", "fashsim", "search", str(page)], capture_output=True, text=True, env=env
+    )
     assert refused.returncode == 1 and "HTML" in refused.stderr and "Traceback" not in refused.stderr
     scores = subprocess.run([sys.executable, "-m", "fashsim", "evaluate"], capture_output=True, text=True, env=env)
     assert scores.returncode == 0 and json.loads(scores.stdout)["recall@1"] > 0.6
     # the same model's index in the Milvus store (Milvus Lite), searched through the same command
     milvus = tmp_path / "fashion.db"
-    built = subprocess.run([sys.executable, "-m", "fashsim", "index", "--store", "milvus", "--out", str(milvus),
-                            "--max-per-split", "300"], capture_output=True, text=True, env=env)
+    built = subprocess.run(
+        [sys.executable, "-m", "fashsim", "index", "--store", "milvus", "--out", str(milvus), "--max-per-split", "300"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert built.returncode == 0, built.stderr
-    found = subprocess.run([sys.executable, "-m", "fashsim", "search", str(query), "-k", "3", "--store", "milvus",
-                            "--index", str(milvus), "--json"], capture_output=True, text=True, env=env)
+    found = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashsim",
+            "search",
+            str(query),
+            "-k",
+            "3",
+            "--store",
+            "milvus",
+            "--index",
+            str(milvus),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)
     assert hits[0]["source"] == "fashion-mnist:test:1" and hits[0]["score"] > 0.999 and len(hits) == 3

@@ -98,10 +98,21 @@ def test_compute_loss_is_pure(model_and_batch):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-@pytest.mark.parametrize("bad", [{"mining": "batch_hardest"}, {"loss": "contrastive"}, {"backbone": "vgg16"},
-                                 {"weights": "internet"}, {"device": "tpu"}, {"metric": "manhattan"},
-                                 {"warmup_mining": "everything"}, {"soft_margin": True, "mining": "batch_all"},
-                                 {"p": 1}, {"ce_weight": -1.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mining": "batch_hardest"},
+        {"loss": "contrastive"},
+        {"backbone": "vgg16"},
+        {"weights": "internet"},
+        {"device": "tpu"},
+        {"metric": "manhattan"},
+        {"warmup_mining": "everything"},
+        {"soft_margin": True, "mining": "batch_all"},
+        {"p": 1},
+        {"ce_weight": -1.0},
+    ],
+)
 def test_config_rejects_unknown_options_when_made(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)

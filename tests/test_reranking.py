@@ -79,7 +79,9 @@ def test_k_reciprocal_new_queries_and_metrics_hook():
     assert all(sorted(a) == sorted(b) for a, b in zip(reordered, candidates))
     base = retrieval_metrics(x, labels)
     loo = reranking.KReciprocalReranker(x)
-    hooked = retrieval_metrics(x, labels, rerank=lambda rows, c: loo.rerank(x[rows], c, query_ids=rows), rerank_depth=50)
+    hooked = retrieval_metrics(
+        x, labels, rerank=lambda rows, c: loo.rerank(x[rows], c, query_ids=rows), rerank_depth=50
+    )
     assert hooked["map@r"] != base["map@r"] and 0 < hooked["recall@1"] <= 1
     with pytest.raises(ValueError, match="k2"):
         reranking.KReciprocalReranker(x, k1=5, k2=6)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import faiss_without_torch_patch
 
 from fashsim.errors import FashsimError
 from fashsim.search.collection import CorruptIndexError, IndexMismatchError
@@ -64,9 +65,10 @@ def milvus_db(tmp_path_factory):
     from pymilvus import MilvusClient
 
     path = tmp_path_factory.mktemp("milvus") / "milvus.db"
-    client = MilvusClient(str(path))
-    yield path, client
-    client.close()
+    with faiss_without_torch_patch():
+        client = MilvusClient(str(path))
+        yield path, client
+        client.close()
     from milvus_lite.server_manager import server_manager_instance
 
     server_manager_instance.release_server(str(path))

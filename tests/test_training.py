@@ -69,15 +69,30 @@ def test_lr_schedule():
 def test_collapse_monitor():
     monitor = training.CollapseMonitor(threshold=0.05, patience=3)
     assert [monitor.update(s) for s in (0.01, 0.01, 0.5, 0.01, 0.01, 0.01, 0.01)] == [
-        False, False, False, False, False, True, False]
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
 
 
 def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
     train_set, val_set = tiny_data
     result = training.train(training.TrainConfig(**TINY, device="cpu"), train_set, val_set, tmp_path, progress=False)
     assert [r["epoch"] for r in result.history] == [1, 2]
-    for key in ("train_loss", "train_active_fraction", "train_hardest_pos", "train_hardest_neg", "train_spread",
-                "val_recall@1", "val_map@r", "images_per_second"):
+    for key in (
+        "train_loss",
+        "train_active_fraction",
+        "train_hardest_pos",
+        "train_hardest_neg",
+        "train_spread",
+        "val_recall@1",
+        "val_map@r",
+        "images_per_second",
+    ):
         assert key in result.history[-1]
     assert result.best["val_recall@1"] > 0.5  # chance is 0.1
     saved = json.loads((tmp_path / "history.json").read_text())
@@ -89,10 +104,8 @@ def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
 
 def test_torchvision_backbone_trains_on_greyscale_arrays(tiny_data, tmp_path):
     train_set, val_set = tiny_data
-    config = training.TrainConfig(**TINY | {"epochs": 1}, backbone="resnet18", weights="random",
-                                  embedding_dim=32)
-    result = training.train(config, train_set.subset(range(400)), val_set.subset(range(200)), tmp_path,
-                            progress=False)
+    config = training.TrainConfig(**TINY | {"epochs": 1}, backbone="resnet18", weights="random", embedding_dim=32)
+    result = training.train(config, train_set.subset(range(400)), val_set.subset(range(200)), tmp_path, progress=False)
     assert result.model.config["backbone"] == "resnet18" and result.model.input_spec.channels == 1
     assert load_model(tmp_path / "model.pt").embedding_dim == 32
 
@@ -117,8 +130,13 @@ def test_resume_continues_and_refuses_other_configs(tiny_data, tmp_path):
 def test_time_budget_stops(tiny_data, tmp_path):
     """Also the float32 CPU path (amp=False), which CPUs without native bf16 take."""
     train_set, val_set = tiny_data
-    result = training.train(training.TrainConfig(**TINY | {"epochs": 50, "max_seconds": 2, "amp": False}), train_set,
-                            val_set, tmp_path, progress=False)
+    result = training.train(
+        training.TrainConfig(**TINY | {"epochs": 50, "max_seconds": 2, "amp": False}),
+        train_set,
+        val_set,
+        tmp_path,
+        progress=False,
+    )
     assert result.stopped == "time budget" and len(result.history) < 50
     assert json.loads((tmp_path / "history.json").read_text())["precision"] == "float32"
 
@@ -140,8 +158,9 @@ def test_killed_mid_epoch_then_resumed(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(script), str(out), "30"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -150,23 +169,35 @@ def test_killed_mid_epoch_then_resumed(tmp_path):
     proc.wait()
     done = json.loads((out / "history.json").read_text())["history"]
     assert 1 <= len(done) < 30
-    resumed = subprocess.run([sys.executable, str(script), str(out), str(len(done) + 1)], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(out), str(len(done) + 1)], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {out / 'checkpoint.pt'}" in resumed.stdout
     history = json.loads((out / "history.json").read_text())["history"]
     assert len(history) == len(done) + 1 and history[: len(done)] == done
 
 
-def test_frozen_pretrained_backbone_trains_only_the_head_on_cached_features(tiny_data, tmp_path, monkeypatch,
-                                                                           project_home):
+def test_frozen_pretrained_backbone_trains_only_the_head_on_cached_features(
+    tiny_data, tmp_path, monkeypatch, project_home
+):
     from fashsim.model import inference as features
 
     train_set, val_set = tiny_data
-    config = training.TrainConfig(**TINY | {"epochs": 3}, backbone="mobilenet_v2", weights="shipped",
-                                  freeze_backbone=True, image_size=32, embedding_dim=64, lr=1e-3)
+    config = training.TrainConfig(
+        **TINY | {"epochs": 3},
+        backbone="mobilenet_v2",
+        weights="shipped",
+        freeze_backbone=True,
+        image_size=32,
+        embedding_dim=64,
+        lr=1e-3,
+    )
     calls = []
     real_extract = features.extract_features
-    monkeypatch.setattr(features, "extract_features", lambda *a, **kw: calls.append(len(a[1])) or real_extract(*a, **kw))
+    monkeypatch.setattr(
+        features, "extract_features", lambda *a, **kw: calls.append(len(a[1])) or real_extract(*a, **kw)
+    )
     result = training.train(config, train_set, val_set, tmp_path / "run", progress=False)
     assert calls == [len(train_set), len(val_set)]  # the backbone saw every image once
     assert len(list((project_home / "data" / "cache" / "features").glob("features-*.npy"))) == 2
@@ -190,8 +221,13 @@ def test_angular_loss_and_multi_scale_head_train(tiny_data, tmp_path):
     assert result.history[0]["val_recall@1"] > 0.5  # chance is 0.1
     assert 0 <= result.history[0]["train_active_fraction"] <= 1
     assert load_model(tmp_path / "model.pt").config["multi_scale"] is True
-    joint = training.train(training.TrainConfig(**TINY | {"epochs": 1}, ce_weight=0.5), train_set, val_set,
-                           tmp_path / "joint", progress=False)
+    joint = training.train(
+        training.TrainConfig(**TINY | {"epochs": 1}, ce_weight=0.5),
+        train_set,
+        val_set,
+        tmp_path / "joint",
+        progress=False,
+    )
     assert joint.history[0]["train_cross_entropy"] > 0 and joint.model.classifier is not None
     with pytest.raises(ValueError, match="loss must be one of"):
         training.train(training.TrainConfig(loss="contrastive"), train_set, val_set, tmp_path / "x", progress=False)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..errors import FashsimError
+from ..model.sharded_embedding import add_embed_shards_parser
 from ..train.config import add_arguments as add_training_arguments
 
 
@@ -68,8 +70,12 @@ def _cmd_train(args) -> int:
     out = args.out or default_model_path().parent
     train_set, val_set = load_train_val(val_fraction=args.val_fraction, seed=config.seed)
     result = train(config, train_set, val_set, out, resume=not args.fresh)
-    print(f"best epoch {result.best.get('epoch')}: val R@1 {result.best.get('val_recall@1', 0):.4f}, "
-          f"MAP@R {result.best.get('val_map@r', 0):.4f}; model: {out}/model.pt ({result.stopped})")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
+    print(
+        f"best epoch {result.best.get('epoch')}: val R@1 {result.best.get('val_recall@1', 0):.4f}, "
+        f"MAP@R {result.best.get('val_map@r', 0):.4f}; model: {out}/model.pt ({result.stopped})"
+    )
     return 0
 
 
@@ -80,9 +86,12 @@ def _cmd_index(args) -> int:
 
     model = load_model(args.model or default_model_path())
     target = args.out or default_index_dir()
-    collection = index_fashion_mnist(model, kind=args.kind, store=args.store, location=target,
-                                     max_per_split=args.max_per_split)
-    print(f"indexed {len(collection)} Fashion-MNIST items ({args.store or 'faiss'}, {collection.index.kind}) -> {target}")
+    collection = index_fashion_mnist(
+        model, kind=args.kind, store=args.store, location=target, max_per_split=args.max_per_split
+    )
+    print(
+        f"indexed {len(collection)} Fashion-MNIST items ({args.store or 'faiss'}, {collection.index.kind}) -> {target}"
+    )
     return 0
 
 
@@ -91,8 +100,9 @@ def _cmd_search(args) -> int:
     from ..search.stores import open_searcher
     from .course import default_index_dir
 
-    searcher = open_searcher(args.model or default_model_path(), args.index or default_index_dir(), store=args.store,
-                             threads=1)
+    searcher = open_searcher(
+        args.model or default_model_path(), args.index or default_index_dir(), store=args.store, threads=1
+    )
     hits = searcher.search(args.image, k=args.k, category=args.category)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
@@ -119,8 +129,14 @@ def _cmd_evaluate(args) -> int:
 def _cmd_serve(args) -> int:
     from .webapp import serve
 
-    return serve(args.collection, args.model, port=args.port, preheat=args.preheat,
-                 cull_idle_timeout=args.cull_idle_timeout, open_browser=args.open)
+    return serve(
+        args.collection,
+        args.model,
+        port=args.port,
+        preheat=args.preheat,
+        cull_idle_timeout=args.cull_idle_timeout,
+        open_browser=args.open,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,27 +155,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="full", choices=["full", "smoke"], help="full (default) or smoke")
     run.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (number or name)")
     run.add_argument(
-        "-p", "--param", action="append", type=_parse_override, metavar="NOTEBOOK.PARAM=VALUE",
+        "-p",
+        "--param",
+        action="append",
+        type=_parse_override,
+        metavar="NOTEBOOK.PARAM=VALUE",
         help="override a notebook parameter, e.g. -p dataset_prep.seed=1 (repeatable)",
     )
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     run.set_defaults(func=_cmd_run)
 
-    train = sub.add_parser("train", help="train the triplet model on Fashion-MNIST (resumes if interrupted)",
-                           description="Every training setting is a flag; the defaults are the course's recipe "
-                           "(fashsim.train.TrainConfig.course()).")
+    train = sub.add_parser(
+        "train",
+        help="train the triplet model on Fashion-MNIST (resumes if interrupted)",
+        description="Every training setting is a flag; the defaults are the course's recipe "
+        "(fashsim.train.TrainConfig.course()).",
+    )
     add_training_arguments(train)
     train.add_argument("--budget", dest="max_seconds", type=float, help="alias of --max-seconds")
-    train.add_argument("--val-fraction", type=float, default=0.1, help="share of the train split held out (default 0.1)")
+    train.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of the train split held out (default 0.1)"
+    )
     train.add_argument("--out", help="output folder (default data/models/triplet)")
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     train.set_defaults(func=_cmd_train)
 
     index = sub.add_parser("index", help="embed all 70 000 Fashion-MNIST images and save a FAISS index")
     index.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
-    index.add_argument("--kind", default="auto", help="auto (by size), flat, hnsw, ivfpq, ivfpq_refine, ivfsq, or a FAISS "
-                       "factory string (default auto)")
-    index.add_argument("--out", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)")
+    index.add_argument(
+        "--kind",
+        default="auto",
+        help="auto (by size), flat, hnsw, ivfpq, ivfpq_refine, ivfsq, or a FAISS factory string (default auto)",
+    )
+    index.add_argument(
+        "--out", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)"
+    )
     index.add_argument("--store", choices=["faiss", "milvus"], help="vector store (default: $FASHSIM_STORE or faiss)")
     index.add_argument("--max-per-split", type=int, metavar="N", help="index only the first N images of each split")
     index.set_defaults(func=_cmd_index)
@@ -169,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     search.add_argument("--category", help="only items of this category")
     search.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
-    search.add_argument("--index", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)")
+    search.add_argument(
+        "--index", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)"
+    )
     search.add_argument("--store", choices=["faiss", "milvus"], help="vector store (default: $FASHSIM_STORE or faiss)")
     search.add_argument("--json", action="store_true", help="print JSON")
     search.set_defaults(func=_cmd_search)
@@ -179,17 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_cmd_evaluate)
 
     serve = sub.add_parser("serve", help="the search app as a web page (Voila) on http://127.0.0.1:PORT/")
-    serve.add_argument("--collection", help="a saved collection folder (default data/index/fashion-mnist, "
-                       "built first if missing)")
-    serve.add_argument("--model", help="its model file (default: model.pt in the collection folder, else "
-                       "data/models/triplet/model.pt, trained first if missing)")
+    serve.add_argument(
+        "--collection", help="a saved collection folder (default data/index/fashion-mnist, built first if missing)"
+    )
+    serve.add_argument(
+        "--model",
+        help="its model file (default: model.pt in the collection folder, else "
+        "data/models/triplet/model.pt, trained first if missing)",
+    )
     serve.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
-    serve.add_argument("--preheat", type=int, default=1, metavar="N",
-                       help="kernels kept ready with the app loaded, so a page opens at once (default 1; 0: none)")
-    serve.add_argument("--cull-idle-timeout", type=int, default=60, metavar="SECONDS",
-                       help="shut down a kernel whose page is gone after this long (default 60)")
+    serve.add_argument(
+        "--preheat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="kernels kept ready with the app loaded, so a page opens at once (default 1; 0: none)",
+    )
+    serve.add_argument(
+        "--cull-idle-timeout",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="shut down a kernel whose page is gone after this long (default 60)",
+    )
     serve.add_argument("--open", action="store_true", help="open a browser")
     serve.set_defaults(func=_cmd_serve)
+    add_embed_shards_parser(sub)
     return parser
 
 

@@ -34,9 +34,17 @@ def load_or_train_default(model_path, *, max_seconds: float = 120.0, progress: b
     return train(TrainConfig.budgeted(max_seconds), train_set, val_set, model_path.parent, progress=progress).model
 
 
-def index_fashion_mnist(model: EmbeddingNet, *, splits=("train", "test"), kind: str = "auto",
-                        max_per_split: int | None = None, batch_size: int = 1024, store: str | None = None,
-                        location=None, **index_params):
+def index_fashion_mnist(
+    model: EmbeddingNet,
+    *,
+    splits=("train", "test"),
+    kind: str = "auto",
+    max_per_split: int | None = None,
+    batch_size: int = 1024,
+    store: str | None = None,
+    location=None,
+    **index_params,
+):
     """A collection over Fashion-MNIST splits (all 70 000 images by default; the first
     ``max_per_split`` of each split if given), ids ``0..59999`` for train and ``60000..69999`` for test,
     in the vector ``store`` (``faiss`` by default, or ``milvus``; see :mod:`fashsim.search.stores`),
@@ -47,10 +55,23 @@ def index_fashion_mnist(model: EmbeddingNet, *, splits=("train", "test"), kind: 
         if max_per_split is not None:
             data = data.subset(np.arange(min(max_per_split, len(data))))
         vectors.append(embed_arrays(model, data.images, batch_size=batch_size))
-        records += [{"id": fashion_mnist_id(split, i), "source": fashion_mnist_source(split, i), "category": data.class_names[label]}
-                    for i, label in enumerate(data.labels)]
-    return build_collection(np.concatenate(vectors), records, store=store, location=location, kind=kind,
-                            model_fingerprint=fingerprint(model), **index_params)
+        records += [
+            {
+                "id": fashion_mnist_id(split, i),
+                "source": fashion_mnist_source(split, i),
+                "category": data.class_names[label],
+            }
+            for i, label in enumerate(data.labels)
+        ]
+    return build_collection(
+        np.concatenate(vectors),
+        records,
+        store=store,
+        location=location,
+        kind=kind,
+        model_fingerprint=fingerprint(model),
+        **index_params,
+    )
 
 
 def default_index_dir() -> Path:

@@ -24,12 +24,21 @@ PROFILES: dict[str, dict[str, dict]] = {
         "dataset_prep": {"val_fraction": 0.1, "samples_per_class": 6},
         "triplet_training": {"train_subset": 3000, "epochs": 2, "max_seconds": 30, "p": 10, "k": 8},
         "faiss_indexing": {"max_per_split": 2000, "compare_queries": 200, "quick_train_seconds": 20},
-        "evaluation": {"eval_size": 1500, "quick_train_seconds": 20, "baseline_budget_seconds": 8,
-                       "open_set_budget_seconds": 8},
+        "evaluation": {
+            "eval_size": 1500,
+            "quick_train_seconds": 20,
+            "baseline_budget_seconds": 8,
+            "open_set_budget_seconds": 8,
+        },
         "embedding_umap": {"n_points": 600, "quick_train_seconds": 20},
         "search_demo": {"quick_train_seconds": 20},
-        "beyond_triplets": {"budget_seconds": 3, "train_subset": 2000, "val_size": 500, "eval_size": 1000,
-                            "n_timed_queries": 20},
+        "beyond_triplets": {
+            "budget_seconds": 3,
+            "train_subset": 2000,
+            "val_size": 500,
+            "eval_size": 1000,
+            "n_timed_queries": 20,
+        },
     },
 }
 
@@ -109,9 +118,16 @@ def run_pipeline(
                 f"{exc.ename}: {exc.evalue}\n  executed copy with the traceback: {target}"
             ) from None
         seconds = time.perf_counter() - start
-        update_results("pipeline", **{notebook.stem: {"seconds": round(seconds, 1), "profile": profile,
-                                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")}})
+        update_results(
+            "pipeline",
+            **{
+                notebook.stem: {
+                    "seconds": round(seconds, 1),
+                    "profile": profile,
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            },
+        )
         print(f"    done in {seconds:.1f} s", flush=True)
         executed.append(target)
     return executed
-

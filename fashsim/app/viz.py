@@ -65,7 +65,9 @@ def class_sample_grid(images, labels, class_names: Sequence[str], *, per_class: 
     """One row per class with ``per_class`` random examples, class names on the left."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
-    fig, axes = plt.subplots(len(class_names), per_class, figsize=(per_class * 0.9, len(class_names) * 0.95), squeeze=False)
+    fig, axes = plt.subplots(
+        len(class_names), per_class, figsize=(per_class * 0.9, len(class_names) * 0.95), squeeze=False
+    )
     for row, name in enumerate(class_names):
         members = np.flatnonzero(labels == row)
         chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
@@ -145,12 +147,17 @@ def training_curves(history: Sequence[Mapping], *, title: str = "Training"):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
     axes[0].set_title("training loss")
-    for key, label in (("train_hardest_pos", "hardest positive"), ("train_hardest_neg", "hardest negative"),
-                       ("train_spread", "batch spread")):
+    for key, label in (
+        ("train_hardest_pos", "hardest positive"),
+        ("train_hardest_neg", "hardest negative"),
+        ("train_spread", "batch spread"),
+    ):
         if key in history[0]:
             axes[1].plot(epochs, [h[key] for h in history], marker="o", label=label)
     if "train_active_fraction" in history[0]:
-        axes[1].plot(epochs, [h["train_active_fraction"] for h in history], marker="o", ls="--", label="active triplets")
+        axes[1].plot(
+            epochs, [h["train_active_fraction"] for h in history], marker="o", ls="--", label="active triplets"
+        )
     axes[1].set_title("mining statistics")
     axes[1].legend(fontsize=8)
     for key, label in (("val_recall@1", "val Recall@1"), ("val_map@r", "val MAP@R")):
@@ -165,8 +172,14 @@ def training_curves(history: Sequence[Mapping], *, title: str = "Training"):
     return fig
 
 
-def retrieval_grid(queries: Sequence[np.ndarray], results: Sequence[Sequence], images_of=None, *,
-                   query_labels: Sequence[str] | None = None, title: str | None = None):
+def retrieval_grid(
+    queries: Sequence[np.ndarray],
+    results: Sequence[Sequence],
+    images_of=None,
+    *,
+    query_labels: Sequence[str] | None = None,
+    title: str | None = None,
+):
     """One row per query: the query image, then its hits with rank, score and category; hits of
     the query's category (when ``query_labels`` is given) framed green, others red.
 
@@ -212,8 +225,13 @@ def index_comparison(rows: Sequence[Mapping], *, k: int = 10):
         for r in mine:
             effort = {n: v for n, v in r["params"].items() if n in ("ef_search", "nprobe", "k_factor")}
             if effort:
-                ax.annotate(", ".join(f"{n}={v}" for n, v in effort.items()), (r["qps"], r[f"recall@{k}"]),
-                            fontsize=7, xytext=(3, -9), textcoords="offset points")
+                ax.annotate(
+                    ", ".join(f"{n}={v}" for n, v in effort.items()),
+                    (r["qps"], r[f"recall@{k}"]),
+                    fontsize=7,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
     ax.set_xscale("log")
     ax.set_xlabel("queries per second (batch)")
     ax.set_ylabel(f"recall@{k} vs exact")
@@ -234,8 +252,15 @@ def confusion_heatmap(confusion: np.ndarray, class_names: Sequence[str], *, titl
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
@@ -279,8 +304,17 @@ def project_2d(embeddings: np.ndarray, *, method: str = "umap", seed: int = 0, n
     raise ValueError(f"method must be umap, tsne or pca, got {method!r}")
 
 
-def embedding_map(coords: np.ndarray, labels, class_names: Sequence[str], *, ax=None, title: str = "",
-                  thumbnails: np.ndarray | None = None, n_thumbnails: int = 30, seed: int = 0):
+def embedding_map(
+    coords: np.ndarray,
+    labels,
+    class_names: Sequence[str],
+    *,
+    ax=None,
+    title: str = "",
+    thumbnails: np.ndarray | None = None,
+    n_thumbnails: int = 30,
+    seed: int = 0,
+):
     """Scatter of 2-d coordinates coloured by category, optionally with image thumbnails."""
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 

@@ -76,3 +76,52 @@ class PKBatchSampler(Sampler[list[int]]):
                 batch += queue[: self.k]
                 del queue[: self.k]
             yield batch
+
+
+class DistributedPKBatchSampler(PKBatchSampler):
+    """One process's share of each global P×K batch, for training with ``torchrun``.
+
+    Every rank draws the same global batches (same ``labels``, ``seed`` and epoch, so call
+    :meth:`set_epoch` on every rank alike) and keeps every ``world_size``-th image of each:
+    ``batch[rank::world_size]``. As a global batch is laid out class by class, a rank holds
+    K/world_size images of each of the P classes when ``world_size`` divides K (all classes on
+    every rank keeps per-rank BatchNorm statistics close to the global ones). The ranks' shares
+    are disjoint positions of the global batch and, concatenated in rank order (what
+    ``all_gather`` gives), are the global batch itself, reordered. ``rank`` and ``world_size``
+    default to those of the initialised ``torch.distributed`` process group.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        p: int,
+        k: int,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__(labels, p, k, seed=seed, batches_per_epoch=batches_per_epoch)
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("pass rank and world_size, or initialise torch.distributed first")
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if (p * k) % world_size:
+            raise ValueError(
+                f"a P×K batch of {p}×{k}={p * k} images does not split evenly over {world_size} processes; "
+                f"choose k (or p) so that {world_size} divides p·k, e.g. k={-(-k // world_size) * world_size}"
+            )
+        self.rank, self.world_size = rank, world_size
+
+    def global_batches(self) -> Iterator[list[int]]:
+        """The global P×K batches of the current epoch (the same on every rank)."""
+        return super().__iter__()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            yield batch[self.rank :: self.world_size]

@@ -8,8 +8,9 @@ import numpy as np
 BASELINES = ("raw_pixels", "pca_128", "untrained")
 
 
-def baseline_embeddings(name: str, images: np.ndarray, *, train_images: np.ndarray | None = None,
-                        seed: int = 0) -> np.ndarray:
+def baseline_embeddings(
+    name: str, images: np.ndarray, *, train_images: np.ndarray | None = None, seed: int = 0
+) -> np.ndarray:
     """Embeddings of ``images`` (uint8, N×28×28) by a baseline: ``raw_pixels`` (flattened),
     ``pca_128`` (PCA fitted on ``train_images``), ``untrained`` (the small CNN, random weights)."""
     flat = images.reshape(len(images), -1).astype(np.float32) / 255.0

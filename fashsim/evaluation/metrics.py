@@ -116,7 +116,6 @@ def retrieval_metrics(
     return {name: float(value / n) for name, value in totals.items()}
 
 
-
 def mean_average_precision(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -151,8 +150,7 @@ def mean_average_precision(
     return float(total / counted) if counted else 0.0
 
 
-def triplet_accuracy(embeddings: np.ndarray, labels: np.ndarray, *, n_triplets: int = 100_000,
-                     seed: int = 0) -> float:
+def triplet_accuracy(embeddings: np.ndarray, labels: np.ndarray, *, n_triplets: int = 100_000, seed: int = 0) -> float:
     """Share of random triplets (anchor, positive of its class, negative of another class) with
     ``cos(a, p) > cos(a, n)`` — the "triplet accuracy" some papers report."""
     x = _normalise(embeddings)
@@ -180,8 +178,9 @@ def triplet_accuracy(embeddings: np.ndarray, labels: np.ndarray, *, n_triplets: 
     return float(np.mean(ap > an))
 
 
-def knn_predict(embeddings: np.ndarray, labels: np.ndarray, *, k: int = 10,
-                query_embeddings: np.ndarray | None = None) -> np.ndarray:
+def knn_predict(
+    embeddings: np.ndarray, labels: np.ndarray, *, k: int = 10, query_embeddings: np.ndarray | None = None
+) -> np.ndarray:
     """Predicted class of each query by a similarity-weighted vote of its ``k`` nearest gallery
     items (leave-one-out when ``query_embeddings`` is None)."""
     labels = np.asarray(labels)

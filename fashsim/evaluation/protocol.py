@@ -12,8 +12,9 @@ import numpy as np
 from fashsim.evaluation import metrics
 
 
-def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, *, ks=(1, 5, 10), knn_k: int = 10,
-                        full_map: bool = True, seed: int = 0) -> dict[str, float]:
+def evaluate_embeddings(
+    embeddings: np.ndarray, labels: np.ndarray, *, ks=(1, 5, 10), knn_k: int = 10, full_map: bool = True, seed: int = 0
+) -> dict[str, float]:
     """Recall@K, Precision@K, R-precision, MAP@R, mAP (full ranking), triplet accuracy and kNN-vote
     accuracy, leave-one-out over ``embeddings``."""
     scores = metrics.retrieval_metrics(embeddings, labels, ks=ks)
@@ -34,6 +35,12 @@ def worst_confusions(confusion: np.ndarray, class_names, n: int = 5) -> list[dic
         t, p = np.unravel_index(flat, off.shape)
         if off[t, p] == 0:
             break
-        rows.append({"true": class_names[t], "predicted": class_names[p], "count": int(off[t, p]),
-                     "share": float(off[t, p] / confusion[t].sum())})
+        rows.append(
+            {
+                "true": class_names[t],
+                "predicted": class_names[p],
+                "count": int(off[t, p]),
+                "share": float(off[t, p] / confusion[t].sum()),
+            }
+        )
     return rows

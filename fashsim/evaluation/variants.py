@@ -24,8 +24,15 @@ def _metrics(embeddings: np.ndarray, labels: np.ndarray, rerank=None, depth: int
     return {k: metrics[k] for k in METRICS}
 
 
-def query_milliseconds(model, images: np.ndarray, gallery: np.ndarray, *, n_queries: int = 200, depth: int = 100,
-                       rerank: Callable | None = None) -> float:
+def query_milliseconds(
+    model,
+    images: np.ndarray,
+    gallery: np.ndarray,
+    *,
+    n_queries: int = 200,
+    depth: int = 100,
+    rerank: Callable | None = None,
+) -> float:
     """Mean milliseconds for one query from pixels to ranked list: embed one image, exact FAISS
     search of the top ``depth`` on an index built once beforehand, then
     ``rerank(query_embedding, candidates)`` if given."""
@@ -40,45 +47,74 @@ def query_milliseconds(model, images: np.ndarray, gallery: np.ndarray, *, n_quer
     return 1000.0 * (time.perf_counter() - start) / n
 
 
-def compare_rankings(model, images: np.ndarray, labels: np.ndarray, *, depth: int = 100,
-                     fractional_p: tuple[float, ...] = (0.5,), k_reciprocal: bool = True,
-                     n_timed_queries: int = 200, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> list[dict]:
+def compare_rankings(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    depth: int = 100,
+    fractional_p: tuple[float, ...] = (0.5,),
+    k_reciprocal: bool = True,
+    n_timed_queries: int = 200,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> list[dict]:
     """Leave-one-out R@1, R@5, MAP@R of ``model`` on ``images`` with plain cosine ranking and
     with each re-ranker on the top ``depth`` candidates, plus the cost: ms per query (pixels to
     ranked list) and, for k-reciprocal, the one-off gallery preparation."""
     embeddings = embed_arrays(model, images)
     rows = []
-    rows.append({"ranking": "cosine (FAISS, exact)", **_metrics(embeddings, labels),
-                 "ms/query": query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth)})
+    rows.append(
+        {
+            "ranking": "cosine (FAISS, exact)",
+            **_metrics(embeddings, labels),
+            "ms/query": query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth),
+        }
+    )
     for p in fractional_p:
-        metrics = _metrics(embeddings, labels,
-                           lambda ids, c, p=p: fractional_rerank(embeddings[ids], embeddings, c, p=p), depth)
-        cost = query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth,
-                                  rerank=lambda q, c, p=p: fractional_rerank(q, embeddings, c, p=p))
+        metrics = _metrics(
+            embeddings, labels, lambda ids, c, p=p: fractional_rerank(embeddings[ids], embeddings, c, p=p), depth
+        )
+        cost = query_milliseconds(
+            model,
+            images,
+            embeddings,
+            n_queries=n_timed_queries,
+            depth=depth,
+            rerank=lambda q, c, p=p: fractional_rerank(q, embeddings, c, p=p),
+        )
         rows.append({"ranking": f"fractional Minkowski p={p} (top {depth})", **metrics, "ms/query": cost})
     if k_reciprocal:
         start = time.perf_counter()
         reranker = KReciprocalReranker(embeddings, k1=k1, k2=k2, lambda_value=lambda_value)
         prepare = time.perf_counter() - start
-        metrics = _metrics(embeddings, labels,
-                           lambda ids, c: reranker.rerank(embeddings[ids], c, query_ids=ids), depth)
-        cost = query_milliseconds(model, images, embeddings, n_queries=n_timed_queries, depth=depth,
-                                  rerank=lambda q, c: reranker.rerank(q, c))
+        metrics = _metrics(embeddings, labels, lambda ids, c: reranker.rerank(embeddings[ids], c, query_ids=ids), depth)
+        cost = query_milliseconds(
+            model, images, embeddings, n_queries=n_timed_queries, depth=depth, rerank=lambda q, c: reranker.rerank(q, c)
+        )
         name = f"k-reciprocal k1={k1} k2={k2} λ={lambda_value} (top {depth}; gallery prep {prepare:.1f} s)"
         rows.append({"ranking": name, **metrics, "ms/query": cost})
     return rows
 
 
-def variant_rows(trained: dict[str, dict], images: np.ndarray, labels: np.ndarray, *,
-                 n_timed_queries: int = 200) -> list[dict]:
+def variant_rows(
+    trained: dict[str, dict], images: np.ndarray, labels: np.ndarray, *, n_timed_queries: int = 200
+) -> list[dict]:
     """One table row per trained variant: leave-one-out metrics on ``images``, training time,
     epochs and ms per query (embed + exact search)."""
     rows = []
     for name, info in trained.items():
         embeddings = embed_arrays(info["model"], images)
-        rows.append({"variant": name, **_metrics(embeddings, labels), "train s": info["train_seconds"],
-                     "epochs": info["epochs"],
-                     "ms/query": query_milliseconds(info["model"], images, embeddings, n_queries=n_timed_queries)})
+        rows.append(
+            {
+                "variant": name,
+                **_metrics(embeddings, labels),
+                "train s": info["train_seconds"],
+                "epochs": info["epochs"],
+                "ms/query": query_milliseconds(info["model"], images, embeddings, n_queries=n_timed_queries),
+            }
+        )
     return rows
 
 

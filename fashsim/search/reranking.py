@@ -30,8 +30,9 @@ def minkowski_distances(queries: np.ndarray, candidates: np.ndarray, p: float) -
     return np.power(np.power(diff, p).sum(-1), 1.0 / p)
 
 
-def fractional_rerank(queries: np.ndarray, gallery: np.ndarray, candidates: np.ndarray, *, p: float = 0.5,
-                      chunk_size: int = 256) -> np.ndarray:
+def fractional_rerank(
+    queries: np.ndarray, gallery: np.ndarray, candidates: np.ndarray, *, p: float = 0.5, chunk_size: int = 256
+) -> np.ndarray:
     """``candidates`` (gallery ids ``(Q, L)``, best first) reordered by Minkowski distance of
     order ``p`` between the query and each candidate (stable, so ties keep the FAISS order)."""
     out = np.empty_like(candidates)
@@ -71,8 +72,9 @@ class KReciprocalReranker:
         members = [self._expand(m) for m in self._reciprocal_sets(ids, k1)]
         v = self._rows(self.gallery, members)
         # local query expansion: the mean of the rows of each item's k2 nearest neighbours (itself included)
-        expand = sparse.csr_matrix((np.full(n * k2, 1.0 / k2), ids[:, :k2].ravel(), np.arange(0, n * k2 + 1, k2)),
-                                   shape=(n, n))
+        expand = sparse.csr_matrix(
+            (np.full(n * k2, 1.0 / k2), ids[:, :k2].ravel(), np.arange(0, n * k2 + 1, k2)), shape=(n, n)
+        )
         self.v_raw, self.v = v, (expand @ v).tocsr()
 
     def _reciprocal_sets(self, ids: np.ndarray, k: int) -> list[np.ndarray]:
@@ -101,8 +103,9 @@ class KReciprocalReranker:
             w = np.exp(-(1.0 - self.gallery[ids] @ vector)).astype(np.float64)
             weights.append(w / w.sum())
         indptr = np.concatenate([[0], np.cumsum([len(m) for m in members])])
-        return sparse.csr_matrix((np.concatenate(weights), np.concatenate(members), indptr),
-                                 shape=(len(members), len(self.gallery)))
+        return sparse.csr_matrix(
+            (np.concatenate(weights), np.concatenate(members), indptr), shape=(len(members), len(self.gallery))
+        )
 
     def _query_row(self, query: np.ndarray, candidates: np.ndarray, candidate_distances: np.ndarray):
         """The expanded neighbourhood row of a query from outside the gallery."""

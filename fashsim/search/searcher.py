@@ -28,15 +28,18 @@ from .collection import Collection, Hit, IndexMismatchError
 class Searcher:
     """Model + transform + collection (see the module docstring)."""
 
-    def __init__(self, model: EmbeddingNet, collection: Collection, *, check_fingerprint: bool = True,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, model: EmbeddingNet, collection: Collection, *, check_fingerprint: bool = True, threads: int | None = None
+    ) -> None:
         """``threads``: set torch's CPU threads for this process (1 gives the lowest single-query
         latency: a tiny forward pass loses more to thread contention than it gains)."""
         if check_fingerprint and collection.model_fingerprint not in (None, fingerprint(model)):
             raise IndexMismatchError("the collection was built with another model: rebuild the index")
         if collection.dim != model.embedding_dim:
-            raise IndexMismatchError(f"the collection holds {collection.dim}-d vectors but the model makes "
-                                     f"{model.embedding_dim}-d embeddings")
+            raise IndexMismatchError(
+                f"the collection holds {collection.dim}-d vectors but the model makes "
+                f"{model.embedding_dim}-d embeddings"
+            )
         self.model = model.eval()
         self.collection = collection
         self.spec = model.input_spec
@@ -62,13 +65,13 @@ class Searcher:
         """The query's embedding, shape ``(1, dim)``."""
         return self.embed_prepared(self.prepare(image))
 
-    def search_prepared(self, prepared: np.ndarray, k: int = 10, *, category: str | None = None, where=None,
-                        log: bool = False) -> list[Hit]:
+    def search_prepared(
+        self, prepared: np.ndarray, k: int = 10, *, category: str | None = None, where=None, log: bool = False
+    ) -> list[Hit]:
         """:meth:`search` for an image already in the model's format (what the demo shows)."""
         return self.collection.search(self.embed_prepared(prepared), k, category=category, where=where, log=log)[0]
 
-    def search(self, image, k: int = 10, *, category: str | None = None, where=None,
-               log: bool = False) -> list[Hit]:
+    def search(self, image, k: int = 10, *, category: str | None = None, where=None, log: bool = False) -> list[Hit]:
         """The ``k`` most similar catalog items, best first. Bad images raise
         :class:`~fashsim.errors.InvalidImageError` with a readable message."""
         return self.search_prepared(self.prepare(image), k, category=category, where=where, log=log)

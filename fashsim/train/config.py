@@ -20,8 +20,13 @@ Device = Literal["auto", "cpu", "cuda"]
 #: the course's headline training budget (notebook 02, ``fashsim train``, the training benchmark).
 COURSE_BUDGET_SECONDS = 540.0
 
-AUTO_WEIGHTS = {"small_cnn": "random", "mobilenet_v2": "shipped", "efficientnet_lite0": "shipped",
-                "resnet18": "imagenet", "resnet50": "imagenet"}
+AUTO_WEIGHTS = {
+    "small_cnn": "random",
+    "mobilenet_v2": "shipped",
+    "efficientnet_lite0": "shipped",
+    "resnet18": "imagenet",
+    "resnet50": "imagenet",
+}
 
 
 def _setting(default, help: str, **kwargs):
@@ -37,8 +42,11 @@ class TrainConfig:
     """
 
     backbone: Backbone = _setting("small_cnn", "CNN backbone")
-    weights: Weights = _setting("auto", "auto: the backbone's pretrained weights (none for small_cnn); random: "
-                                "from scratch; imagenet: torchvision download; shipped: inside fashsim[pretrained]")
+    weights: Weights = _setting(
+        "auto",
+        "auto: the backbone's pretrained weights (none for small_cnn); random: "
+        "from scratch; imagenet: torchvision download; shipped: inside fashsim[pretrained]",
+    )
     freeze_backbone: bool = _setting(False, "train only the head on cached backbone features (the CPU path)")
     image_size: int | None = _setting(None, "backbone input size in pixels (None: the images' own size)")
     embedding_dim: int = _setting(128, "embedding dimension")
@@ -82,8 +90,10 @@ class TrainConfig:
         if self.soft_margin and self.mining != "batch_hard":
             raise ValueError("soft_margin is defined for mining='batch_hard' only")
         if self.freeze_backbone and self.resolved_weights == "random":
-            raise ValueError("freeze_backbone=True needs pretrained weights ('imagenet' or 'shipped'): "
-                             "a frozen random backbone learns nothing")
+            raise ValueError(
+                "freeze_backbone=True needs pretrained weights ('imagenet' or 'shipped'): "
+                "a frozen random backbone learns nothing"
+            )
         if min(self.p, self.k) < 2 and self.loss != "cross_entropy":
             raise ValueError(f"P×K batches need p ≥ 2 and k ≥ 2 for triplets, got p={self.p}, k={self.k}")
         if self.ce_weight < 0 or self.margin < 0:
@@ -164,8 +174,9 @@ def add_arguments(parser, defaults: TrainConfig | None = None) -> None:
         args = typing.get_args(hint)
         base = next((a for a in (int, float) if hint is a or a in args), str)
         parse = _parse_optional(base) if type(None) in args else base
-        parser.add_argument(flag, type=parse, default=default, help=help_text,
-                            choices=list(choices) if choices else None)
+        parser.add_argument(
+            flag, type=parse, default=default, help=help_text, choices=list(choices) if choices else None
+        )
 
 
 def from_arguments(args) -> TrainConfig:

@@ -33,7 +33,9 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles); elsewhere
     PyTorch emulates it and bfloat16 runs slower than float32."""
     cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -10,6 +10,11 @@ The learning rate follows a linear warm-up then a cosine decay over the run's *p
 the larger of the share of epochs done and the share of the time budget used — so a run cut by
 its budget still ends with an annealed learning rate. The loss of one batch is
 :func:`fashsim.train.objective.compute_loss`.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set, or ``distributed=True``) the same loop runs in
+every process through :class:`fashsim.train.distributed.DistributedRun` (DDP, a share of each
+global P×K batch per rank, mining over the gathered global batch, rank 0 alone writing); the
+marked ``DDP hook`` lines are the points it overrides.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     feature_cache: str | os.PathLike | None = None,
+    distributed: bool | None = None,
 ) -> TrainResult:
     """Train an :class:`EmbeddingNet` on in-memory images; checkpoints and history go to ``out_dir``.
 
@@ -108,8 +114,15 @@ def train(
     continues after the last completed epoch (and within the remaining time budget). With
     ``config.freeze_backbone`` only the head trains, on backbone features cached in
     ``feature_cache`` (default ``data/cache/features``; see :mod:`fashsim.model.inference`).
+
+    ``distributed``: None (default) trains with DDP when launched by ``torchrun`` with more than
+    one process, True always does (torchrun's variables or an initialised process group needed),
+    False never does (see :mod:`fashsim.train.distributed`).
     """
-    run = _Run(config, train_data, val_data, Path(out_dir), progress=progress, feature_cache=feature_cache)
+    from .distributed import run_class
+
+    Run = run_class(distributed, config.device)  # DDP hook: _Run, or DistributedRun under torchrun
+    run = Run(config, train_data, val_data, Path(out_dir), progress=progress, feature_cache=feature_cache)
     if resume:
         run.resume()
     stopped = "epochs"
@@ -130,8 +143,18 @@ def train(
 class _Run:
     """One training run's objects: model, optimiser, inputs, sampler, state; :func:`train` drives it."""
 
-    def __init__(self, config: TrainConfig, train_data: ImageArrayDataset, val_data: ImageArrayDataset,
-                 out_dir: Path, *, progress: bool, feature_cache) -> None:
+    is_main = True  # DDP hook: the process that validates and writes files (rank 0 under torchrun)
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_data: ImageArrayDataset,
+        val_data: ImageArrayDataset,
+        out_dir: Path,
+        *,
+        progress: bool,
+        feature_cache,
+    ) -> None:
         _check_images(train_data)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.config, self.out_dir, self.progress = config, out_dir, progress
@@ -142,9 +165,16 @@ class _Run:
         weights = None if config.resolved_weights == "random" else config.resolved_weights
         classes = len(train_data.class_names) if (config.loss == "cross_entropy" or config.ce_weight > 0) else 0
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.model = EmbeddingNet(config.backbone, embedding_dim=config.embedding_dim, in_channels=self.spec.channels,
-                                  weights=weights, input_spec=self.spec, num_classes=classes,
-                                  multi_scale=config.multi_scale, flip_average=config.flip_average)
+        self.model = EmbeddingNet(
+            config.backbone,
+            embedding_dim=config.embedding_dim,
+            in_channels=self.spec.channels,
+            weights=weights,
+            input_spec=self.spec,
+            num_classes=classes,
+            multi_scale=config.multi_scale,
+            flip_average=config.flip_average,
+        )
         self.model = self.model.to(self.device, memory_format=self.memory_format)
         if config.freeze_backbone:
             self.model.backbone.requires_grad_(False)
@@ -161,9 +191,13 @@ class _Run:
         if config.freeze_backbone:  # the backbone sees every image once; the head trains on its cached features
             cache = Path(feature_cache) if feature_cache else data_dir() / "cache" / "features"
             self.inputs, self.val_features = (
-                torch.from_numpy(cached_features(self.model.backbone, data.images, self.spec, cache,
-                                                 device=self.device, progress=progress)).to(self.device)
-                for data in (train_data, self.val))
+                torch.from_numpy(
+                    cached_features(
+                        self.model.backbone, data.images, self.spec, cache, device=self.device, progress=progress
+                    )
+                ).to(self.device)
+                for data in (train_data, self.val)
+            )
         else:
             self.inputs = torch.from_numpy(np.ascontiguousarray(train_data.images)).to(self.device)
         self.monitor = CollapseMonitor()
@@ -193,8 +227,9 @@ class _Run:
         if not self.config.freeze_backbone:
             x = normalise_batch(x, self.spec)
             if self.config.augment:
-                x = augment_batch(x, self.generator, max_shift=self.config.augment_shift,
-                                  erase=self.config.augment_erase)
+                x = augment_batch(
+                    x, self.generator, max_shift=self.config.augment_shift, erase=self.config.augment_erase
+                )
             x = x.contiguous(memory_format=self.memory_format)
         return Batch(x, self.labels[index])
 
@@ -208,8 +243,10 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * lr_factor(self.state.step, progress, self.config.lr_warmup_steps)
         start = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=self.precision or torch.float32, enabled=self.precision is not None):
-            loss, stats = compute_loss(self.config, self.model, batch, self.state.step)
+        with torch.autocast(
+            self.device.type, dtype=self.precision or torch.float32, enabled=self.precision is not None
+        ):
+            loss, stats = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -218,11 +255,19 @@ class _Run:
         self.state.elapsed += time.perf_counter() - start
         if self.monitor.update(stats["spread"]):
             self.state.collapse_steps.append(self.state.step)
-            warnings.warn(f"COLLAPSE: for {self.monitor.patience} steps the embeddings of a batch lie on average "
-                          f"{stats['spread']:.3f} apart (unit vectors: 1.41 when spread out) at step "
-                          f"{self.state.step}: lower the learning rate, warm up with batch_all mining, or use a "
-                          "soft margin", TrainingCollapsedWarning, stacklevel=3)
+            warnings.warn(
+                f"COLLAPSE: for {self.monitor.patience} steps the embeddings of a batch lie on average "
+                f"{stats['spread']:.3f} apart (unit vectors: 1.41 when spread out) at step "
+                f"{self.state.step}: lower the learning rate, warm up with batch_all mining, or use a "
+                "soft margin",
+                TrainingCollapsedWarning,
+                stacklevel=3,
+            )
         return stats
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch's loss and statistics (DDP hook: the global batch's under torchrun)."""
+        return compute_loss(self.config, self.model, batch, self.state.step)
 
     def train_epoch(self, epoch: int) -> None:
         """Train one epoch (or until the budget runs out), then validate, save and record it."""
@@ -231,11 +276,16 @@ class _Run:
             self.model.backbone.eval()  # frozen BatchNorm statistics too
         sums: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        bar = tqdm(self.batches(epoch), total=len(self.sampler), desc=f"epoch {epoch + 1}/{self.config.epochs}",
-                   disable=not self.progress, leave=False)
+        bar = tqdm(
+            self.batches(epoch),
+            total=len(self.sampler),
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            disable=not self.progress,
+            leave=False,
+        )
         for indices in bar:
             stats = self.step(self.make_batch(indices), self.progress_at(epoch, seen))
-            seen += len(indices)
+            seen += self.batch_size  # DDP hook: the global batch (a rank holds a share of it); batches are full
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             bar.set_postfix(loss=f"{stats['loss']:.3f}", spread=f"{stats['spread']:.2f}")
@@ -257,8 +307,11 @@ class _Run:
         metrics = self.validate()
         steps = max(1, math.ceil(seen / self.batch_size))
         record = {
-            "epoch": epoch + 1, "steps": self.state.step, "images": seen,
-            "images_per_second": seen / wall if wall > 0 else 0.0, "train_seconds": self.state.elapsed,
+            "epoch": epoch + 1,
+            "steps": self.state.step,
+            "images": seen,
+            "images_per_second": seen / wall if wall > 0 else 0.0,
+            "train_seconds": self.state.elapsed,
             "lr": self.optimizer.param_groups[0]["lr"],
             **{f"train_{k}": v / steps for k, v in sums.items()},
             **{f"val_{k}": metrics[k] for k in ("recall@1", "recall@5", "map@r")},
@@ -269,20 +322,52 @@ class _Run:
         improved = record["val_map@r"] > state.best.get("val_map@r", -1.0)
         if improved:
             state.best, state.bad_epochs = dict(record), 0
-            save_model(self.model, self.out_dir / BEST_MODEL, train_config=self.config.to_dict(), epoch=epoch + 1,
-                       val_metrics={k: v for k, v in record.items() if k.startswith("val_")})
         else:
             state.bad_epochs += 1
-        save_checkpoint(self.out_dir / CHECKPOINT, self.config, self.model, self.optimizer, self.scaler,
-                        self.generator, asdict(state))
+        if self.is_main:  # DDP hook: rank 0 alone writes
+            self.save_epoch(record, metrics, improved)
+
+    def save_epoch(self, record: dict, metrics: dict[str, float], improved: bool) -> None:
+        """The best model (when ``improved``), the checkpoint and the history, then a line of progress."""
+        state, epoch = self.state, record["epoch"] - 1
+        if improved:
+            save_model(
+                self.model,
+                self.out_dir / BEST_MODEL,
+                train_config=self.config.to_dict(),
+                epoch=epoch + 1,
+                val_metrics={k: v for k, v in record.items() if k.startswith("val_")},
+            )
+        save_checkpoint(
+            self.out_dir / CHECKPOINT,
+            self.config,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            self.generator,
+            asdict(state),
+        )
         precision = str(self.precision or torch.float32).removeprefix("torch.")
-        atomic_write_bytes(self.out_dir / HISTORY, json.dumps({
-            "config": self.config.to_dict(), "device": str(self.device), "amp": self.precision is not None,
-            "precision": precision, "history": state.history, "best": state.best,
-            "collapse_steps": state.collapse_steps}, indent=2).encode())
-        print(f"epoch {epoch + 1}: loss {record.get('train_loss', float('nan')):.4f}  val R@1 {metrics['recall@1']:.4f}  "
-              f"MAP@R {metrics['map@r']:.4f}  {record['images_per_second']:.0f} img/s" + ("  *best*" if improved else ""),
-              flush=True)
+        atomic_write_bytes(
+            self.out_dir / HISTORY,
+            json.dumps(
+                {
+                    "config": self.config.to_dict(),
+                    "device": str(self.device),
+                    "amp": self.precision is not None,
+                    "precision": precision,
+                    "history": state.history,
+                    "best": state.best,
+                    "collapse_steps": state.collapse_steps,
+                },
+                indent=2,
+            ).encode(),
+        )
+        print(
+            f"epoch {epoch + 1}: loss {record.get('train_loss', float('nan')):.4f}  val R@1 {metrics['recall@1']:.4f}  "
+            f"MAP@R {metrics['map@r']:.4f}  {record['images_per_second']:.0f} img/s" + ("  *best*" if improved else ""),
+            flush=True,
+        )
 
     def result(self, stopped: str) -> TrainResult:
         best = self.out_dir / BEST_MODEL
@@ -293,9 +378,11 @@ class _Run:
 def _check_images(data: ImageArrayDataset) -> None:
     images = data.images
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
-        raise FashsimError("train() takes uint8 images held in memory: greyscale (N, H, W) such as Fashion-MNIST, "
-                           "or RGB (N, H, W, 3) such as fashsim.data.catalogs.load_catalog_images gives for a photo "
-                           "catalog")
+        raise FashsimError(
+            "train() takes uint8 images held in memory: greyscale (N, H, W) such as Fashion-MNIST, "
+            "or RGB (N, H, W, 3) such as fashsim.data.catalogs.load_catalog_images gives for a photo "
+            "catalog"
+        )
 
 
 def _validation_subset(val: ImageArrayDataset, max_items: int | None, seed: int) -> ImageArrayDataset:

@@ -144,7 +144,9 @@ def semi_hard_triplet_loss(
     if not semi.any():
         return LossOutput(_zero_loss(embeddings), {"active_fraction": fraction, **stats})
     n_semi = int(semi.sum())
-    return LossOutput(((gap + margin) * semi).sum() / n_semi, {"active_fraction": fraction, "triplets": n_semi, **stats})
+    return LossOutput(
+        ((gap + margin) * semi).sum() / n_semi, {"active_fraction": fraction, "triplets": n_semi, **stats}
+    )
 
 
 def _distance_stats(d, pos, neg) -> dict[str, float]:
@@ -182,8 +184,11 @@ def angular_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, alpha_degree
     d = pairwise_distances(x)
     return LossOutput(
         per_pair.mean(),
-        {"active_fraction": ((terms > 0) & keep).float().sum().item() / max(1, int(keep.sum())),
-         "pairs": len(a_idx), **_distance_stats(d, pos, neg)},
+        {
+            "active_fraction": ((terms > 0) & keep).float().sum().item() / max(1, int(keep.sum())),
+            "pairs": len(a_idx),
+            **_distance_stats(d, pos, neg),
+        },
     )
 
 

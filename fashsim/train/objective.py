@@ -42,8 +42,14 @@ def compute_loss(config: TrainConfig, model, batch: Batch, step: int) -> tuple[t
             out = angular_loss(embeddings, batch.labels, alpha_degrees=config.angular_alpha)
         else:
             mining = mining_at(config, step)
-            out = triplet_loss(embeddings, batch.labels, mining=mining, margin=config.margin,
-                               soft=config.soft_margin and mining == "batch_hard", metric=config.metric)
+            out = triplet_loss(
+                embeddings,
+                batch.labels,
+                mining=mining,
+                margin=config.margin,
+                soft=config.soft_margin and mining == "batch_hard",
+                metric=config.metric,
+            )
         loss, stats = out.loss, dict(out.stats)
         if config.ce_weight > 0:
             ce = F.cross_entropy(model.classifier(raw).float(), batch.labels)

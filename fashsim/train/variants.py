@@ -19,9 +19,17 @@ VARIANTS: dict[str, dict] = {
     "angular + multi-scale (the paper)": {"loss": "angular", "multi_scale": True},
 }
 
-def train_variants(train_data: ImageArrayDataset, val_data: ImageArrayDataset, out_dir: str | Path, *,
-                   seconds: float, variants: dict[str, dict] | None = None, base: TrainConfig | None = None,
-                   progress: bool = False) -> dict[str, dict]:
+
+def train_variants(
+    train_data: ImageArrayDataset,
+    val_data: ImageArrayDataset,
+    out_dir: str | Path,
+    *,
+    seconds: float,
+    variants: dict[str, dict] | None = None,
+    base: TrainConfig | None = None,
+    progress: bool = False,
+) -> dict[str, dict]:
     """Train each variant for ``seconds`` (same data, seed and budget); returns
     ``{name: {"model", "train_seconds", "epochs"}}``. Runs resume from ``out_dir/<n>``."""
     base = base or TrainConfig.budgeted(seconds)
@@ -30,6 +38,9 @@ def train_variants(train_data: ImageArrayDataset, val_data: ImageArrayDataset, o
         config = replace(base, max_seconds=seconds, **overrides)
         result = train(config, train_data, val_data, Path(out_dir) / f"variant{i}", progress=progress)
         last = result.history[-1] if result.history else {}
-        results[name] = {"model": result.model, "train_seconds": last.get("train_seconds", 0.0),
-                         "epochs": last.get("epoch", 0)}
+        results[name] = {
+            "model": result.model,
+            "train_seconds": last.get("train_seconds", 0.0),
+            "epochs": last.get("epoch", 0),
+        }
     return results
