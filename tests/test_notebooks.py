@@ -222,6 +222,14 @@ def test_07_beyond_triplets_compares_every_variant_and_reranker(smoke_run):
     assert len(results["verdict"]["closed set, training"]) == len(VARIANTS) - 1
 
 
+def test_08_your_own_shop_builds_and_evaluates_a_colour_catalog(smoke_run):
+    home, executed = smoke_run
+    assert _images_shown(executed["08_your_own_shop.ipynb"]) >= 4
+    recorded = _results(home, "your_own_shop")
+    trained = recorded["evaluation"]["methods"]["trained"]["test"]
+    assert trained["baseColour_match@5"] > 0.9
+
+
 def test_the_report_is_last_and_holds_every_notebooks_results(smoke_run):
     import re
 

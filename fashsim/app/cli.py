@@ -13,6 +13,7 @@ import sys
 from ..errors import FashsimError
 from ..model.sharded_embedding import add_embed_shards_parser
 from ..train.config import add_arguments as add_training_arguments
+from .shop import add_shop_parser
 
 
 def _parse_override(text: str) -> tuple[str, str, object]:
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--open", action="store_true", help="open a browser")
     serve.set_defaults(func=_cmd_serve)
+    add_shop_parser(sub)
     add_embed_shards_parser(sub)
     return parser
 

@@ -32,6 +32,15 @@ PROFILES: dict[str, dict[str, dict]] = {
         },
         "embedding_umap": {"n_points": 600, "quick_train_seconds": 20},
         "search_demo": {"quick_train_seconds": 20},
+        "your_own_shop": {
+            "shop_size": 600,
+            "image_size": 64,
+            "n_colours": 2,
+            "train_seconds": 10,
+            "baseline_image_size": 64,
+            "n_queries": 3,
+            "workers": 1,
+        },
         "beyond_triplets": {
             "budget_seconds": 3,
             "train_subset": 2000,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,37 @@ class FileCatalog:
     def categories(self) -> list[str]:
         """The category name of every item."""
         return [self.class_names[i] for i in self.labels]
+
+    def column(self, name: str) -> list[str]:
+        """The values of a metadata column for every item, as text (missing values: ``""``).
+        ``"category"`` is the item's category unless the metadata has its own ``category``."""
+        if name == "category" and not any("category" in meta for meta in self.extra):
+            return self.categories()
+        if not any(name in meta for meta in self.extra):
+            raise KeyError(f"no metadata column {name!r}; columns: {', '.join(self.columns())}")
+        return ["" if meta.get(name) is None else str(meta.get(name)) for meta in self.extra]
+
+    def columns(self) -> list[str]:
+        """Every metadata column name (in first-seen order), ``category`` included."""
+        names = dict.fromkeys(["category"])
+        for meta in self.extra:
+            names.update(dict.fromkeys(meta))
+        return list(names)
+
+    def combined_labels(self, columns: Sequence[str], *, sep: str = " / ") -> tuple[np.ndarray, tuple[str, ...]]:
+        """Integer labels of the combination of ``columns`` (e.g. ``("articleType", "baseColour",
+        "pattern")``: "the same style"), and the sorted combination names (``"Shirts / Red / Striped"``)."""
+        if not columns:
+            raise ValueError("combined_labels needs at least one column")
+        values = [self.column(c) for c in columns]
+        keys = np.asarray([sep.join(parts) for parts in zip(*values)], dtype=object).astype(str)
+        names, ids = np.unique(keys, return_inverse=True)
+        return ids.astype(np.int64), tuple(str(n) for n in names)
+
+    def records(self) -> list[dict]:
+        """One dict per item: its category, every metadata column and its path."""
+        cats = self.categories()
+        return [{"category": cat, **meta, "path": str(path)} for cat, meta, path in zip(cats, self.extra, self.paths)]
 
     def group_ids(self, key: str) -> np.ndarray:
         """Integer ids of an extra field (e.g. DeepFashion's ``item_id``), for retrieval relevance."""
@@ -109,6 +141,7 @@ def load_csv_catalog(
     id_column: str = "id",
     image_extension: str = ".jpg",
     check_files: bool = True,
+    keep_columns: bool = False,
 ) -> FileCatalog:
     """A CSV catalog: one row per image, a path (or an id) column, a category column, any extras.
 
@@ -121,6 +154,8 @@ def load_csv_catalog(
       ``productDisplayName``) are repaired by joining the surplus into the last column.
     * Rows without a category, or whose image file is missing (``check_files``), are skipped with
       one warning that counts them.
+    * ``extra`` holds the other columns; with ``keep_columns`` every column, the category and
+      path columns too (all as text).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -161,11 +196,14 @@ def load_csv_catalog(
             skipped["short row"] += 1
             continue
         record = dict(zip(header, (cell.strip() for cell in row)))
-        category = record.pop(category_column)
+        category = record[category_column] if keep_columns else record.pop(category_column)
         if not category:
             skipped["no category"] += 1
             continue
-        relative = record.pop(path_column) if path_column else f"{record[id_column]}{image_extension}"
+        if path_column:
+            relative = record[path_column] if keep_columns else record.pop(path_column)
+        else:
+            relative = f"{record[id_column]}{image_extension}"
         path = Path(relative) if Path(relative).is_absolute() else image_dir / relative
         if check_files and not path.is_file():
             skipped["missing image"] += 1
@@ -218,6 +256,87 @@ def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str = "l
     return FileCatalog(tuple(paths), labels.astype(np.int64), tuple(str(n) for n in names), tuple(extra))
 
 
+def detect_layout(path: str | os.PathLike) -> str:
+    """Which loader a catalog path needs: ``csv`` (a CSV file, or a folder holding ``styles.csv``:
+    the Kaggle layout), ``inshop`` (a folder with DeepFashion's ``list_eval_partition.txt`` at its
+    top or in ``Eval/``) or ``folder`` (``<category>/<image>`` sub-folders)."""
+    path = Path(path)
+    if path.is_file():
+        if path.name == "list_eval_partition.txt":
+            return "inshop"
+        if path.suffix.lower() == ".csv":
+            return "csv"
+        raise DatasetFormatError(f"{path}: a catalog is a CSV file or a folder, not a {path.suffix or 'plain'} file")
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"catalog {path} does not exist")
+    if (path / "styles.csv").is_file():
+        return "csv"
+    if (path / "list_eval_partition.txt").is_file() or (path / "Eval" / "list_eval_partition.txt").is_file():
+        return "inshop"
+    return "folder"
+
+
+def open_catalog(path: str | os.PathLike, **csv_options) -> FileCatalog:
+    """Any supported catalog by its path (see :func:`detect_layout`), every CSV column kept as
+    metadata: a CSV file with a path (or ``id``) column and a category column (``csv_options`` go
+    to :func:`load_csv_catalog`), a Kaggle "Fashion Product Images" folder (``styles.csv`` +
+    ``images/<id>.jpg``), a DeepFashion In-shop folder, or an image folder."""
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "csv":
+        csv_path = path / "styles.csv" if path.is_dir() else path
+        return load_csv_catalog(csv_path, **{"keep_columns": True, **csv_options})
+    if csv_options:
+        raise ValueError(f"{path} is a {layout} catalog: CSV options {sorted(csv_options)} do not apply")
+    if layout == "inshop":
+        root = path.parent if path.is_file() else path
+        if path.is_file() and path.parent.name == "Eval":
+            root = path.parent.parent
+        nested = (root / "Eval" / "list_eval_partition.txt").is_file() and not (
+            root / "list_eval_partition.txt"
+        ).is_file()
+        return load_deepfashion_inshop(
+            root, partition_file="Eval/list_eval_partition.txt" if nested else "list_eval_partition.txt"
+        )
+    return load_image_folder(path)
+
+
+class CatalogImages:
+    """The catalog's images decoded one at a time in the model's format, for a torch
+    ``DataLoader`` with workers: item ``i`` is ``(i, uint8 image, error message or "")``; an
+    unreadable file gives a blank image and its error instead of stopping the loader.
+    :func:`collate_catalog_batch` batches them."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], spec: InputSpec) -> None:
+        self.paths = [str(p) for p in paths]
+        self.spec = spec
+        self.shape = (spec.size, spec.size) if spec.channels == 1 else (spec.size, spec.size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray, str]:
+        try:
+            return i, prepare_image(load_image(self.paths[i]), self.spec), ""
+        except InvalidImageError as exc:
+            return i, np.zeros(self.shape, np.uint8), str(exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a catalog build
+            return i, np.zeros(self.shape, np.uint8), f"{self.paths[i]}: {type(exc).__name__}: {exc}"
+
+
+def collate_catalog_batch(items) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(indices, images uint8 (B, H, W[, C]), errors)`` of a list of :class:`CatalogImages` items."""
+    indices, images, errors = zip(*items)
+    return np.asarray(indices, np.int64), np.stack(images), list(errors)
+
+
+def unreadable_report(errors: dict[int, str], total: int, *, limit: int = 20) -> str:
+    """A file-by-file message for unreadable catalog images (the first ``limit`` listed)."""
+    listed = "\n  ".join(errors[i] for i in sorted(errors)[:limit])
+    more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
+    return f"{len(errors)} of {total} catalog images cannot be read:\n  {listed}{more}"
+
+
 def load_catalog_images(catalog: FileCatalog, spec: InputSpec, *, progress: bool = True) -> ImageArrayDataset:
     """Decode and prepare every catalog image for a model with input ``spec``: uint8
     ``(N, size, size[, 3])`` in memory. Unreadable files stop it with one error listing them all
@@ -235,5 +354,44 @@ def load_catalog_images(catalog: FileCatalog, spec: InputSpec, *, progress: bool
     if bad:
         listed = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise FashsimError(
-            f"{len(bad)} of {len(catalog)} catalog images cannot be read; fix or remove them:\n  {listed}")
+            f"{len(bad)} of {len(catalog)} catalog images cannot be read; fix or remove them:\n  {listed}"
+        )
     return ImageArrayDataset(images, np.asarray(catalog.labels, np.int64), tuple(catalog.class_names), source="catalog")
+
+
+def _loader(paths: Sequence, spec: InputSpec, *, workers: int, batch_size: int):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        CatalogImages(paths, spec),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_catalog_batch,
+        shuffle=False,
+        multiprocessing_context="fork" if workers and os.name != "nt" else None,
+    )
+
+
+def stream_images(
+    paths: Sequence[str | os.PathLike],
+    spec: InputSpec,
+    *,
+    workers: int = 2,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "reading images",
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Every image at ``paths`` in the format ``spec`` describes (uint8, e.g. ``(N, 32, 32, 3)``),
+    decoded by ``workers`` DataLoader processes; unreadable files give blank images and an entry
+    ``{index: message}`` in the second value."""
+    shape = (spec.size, spec.size) if spec.channels == 1 else (spec.size, spec.size, 3)
+    images = np.zeros((len(paths), *shape), np.uint8)
+    errors: dict[int, str] = {}
+    if not len(paths):
+        return images, errors
+    with tqdm(total=len(paths), desc=desc, disable=not progress, leave=False) as bar:
+        for indices, batch, batch_errors in _loader(paths, spec, workers=workers, batch_size=batch_size):
+            images[indices] = batch
+            errors.update((int(i), e) for i, e in zip(indices, batch_errors) if e)
+            bar.update(len(indices))
+    return images, errors

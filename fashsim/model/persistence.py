@@ -56,6 +56,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         num_classes=config.get("num_classes", 0),
         multi_scale=config.get("multi_scale", False),
         flip_average=config.get("flip_average", False),
+        backbone_widths=config.get("backbone_widths"),
     )
     model.config["weights"] = config.get("weights")  # where it started; the state below is what it became
     model.load_state_dict(blob["state_dict"])

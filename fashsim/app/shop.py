@@ -1,0 +1,700 @@
+"""Your own shop: from a catalog of product photos to a searchable, filterable collection.
+
+:func:`build_shop_collection` takes a catalog — a Kaggle "Fashion Product Images" folder
+(``styles.csv`` + ``images/<id>.jpg``), any CSV with a path (or ``id``) and a category column, a
+DeepFashion In-shop folder or an image folder (``<category>/<image>``), see
+:func:`fashsim.data.catalogs.open_catalog` — and:
+
+1. **streams** the images from disk through a torch ``DataLoader`` with worker processes, in
+   chunks cached on disk (``<out>/cache``): a frozen pretrained backbone's features, or the
+   small images a CNN trains on. An interrupted build resumes from the chunks already done; no
+   more than a batch of full-size photos is ever in memory;
+2. reports **unreadable files** one by one and stops, or — with ``skip_unreadable=True`` —
+   leaves them out, saying so (never silently);
+3. **trains** an RGB embedding where "the same style" is the combination of ``label_columns``
+   (default ``articleType`` + ``baseColour`` + ``pattern``; those the catalog lacks are dropped
+   with a note): batch-hard triplets on the style plus a cross-entropy head per column
+   (:mod:`fashsim.app.shop_train`), resumable;
+4. embeds every item and saves ``<out>/model.pt`` and a versioned collection
+   ``<out>/collection`` whose records keep **every catalog column** (numbers as numbers), so
+   ``Searcher.from_paths(out/"model.pt", out/"collection")`` searches it with filters on any column.
+
+Networks (:data:`RECIPES`; ``backbone=`` picks one): ``small_cnn`` — the default on a CPU: a
+narrow RGB CNN trained from scratch at 32 px on the catalog's own styles —, ``mobilenet_v2`` and
+``efficientnet_lite0`` (the shipped ImageNet weights frozen, their features cached, only the
+head trained: an alternative for real photos with few items per style). RGB models keep the
+query's colour: their input format has ``dark_background=False``, so a photo is resized as it is
+instead of being turned into a greyscale silhouette.
+
+Command line (see :func:`add_shop_parser`; ``python -m fashsim.app.shop ...`` works the same)::
+
+    python -m fashsim shop generate data/shops/colour-shop
+    python -m fashsim shop build data/shops/colour-shop --out data/shops/colour-shop-index
+    python -m fashsim shop search data/shops/colour-shop-index photo.jpg --where baseColour=Red --where "price<50"
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..data.catalogs import FileCatalog, open_catalog, stream_images, unreadable_report
+from ..data.transforms import IMAGENET_SPEC, InputSpec
+from ..errors import FashsimError
+from ..fileio import atomic_write_bytes
+
+DEFAULT_LABEL_COLUMNS = ("articleType", "baseColour", "pattern")
+MODEL_FILE = "model.pt"
+COLLECTION_DIR = "collection"
+BUILD_FILE = "build.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a backbone is used on a CPU: frozen with cached features, or trained from scratch."""
+
+    frozen: bool
+    image_size: int
+    seconds: float  # default training budget: at most this long ...
+    max_epochs: int  # ... and at most this many epochs, whichever comes first
+    lr: float
+    p: int
+    k: int
+    ce_weight: float
+    widths: tuple[int, int, int] | None = None  # small_cnn's stage widths
+
+
+#: Per backbone: the CPU recipe measured on the colour shop (``benchmarks/bench_shop.py``). The
+#: default, ``small_cnn``, is a narrow (16-32-64) CNN from scratch on 32 px RGB: on the colour shop
+#: it beat the frozen ImageNet backbones on every measure at a fraction of their CPU time (frozen
+#: ImageNet features lose the garment's kind; a linear probe on them tops out near 0.78 category
+#: accuracy).
+RECIPES: dict[str, Recipe] = {
+    "small_cnn": Recipe(
+        frozen=False,
+        image_size=32,
+        seconds=360.0,
+        max_epochs=40,
+        lr=3e-3,
+        p=32,
+        k=8,
+        ce_weight=1.0,
+        widths=(16, 32, 64),
+    ),
+    "mobilenet_v2": Recipe(
+        frozen=True, image_size=112, seconds=60.0, max_epochs=500, lr=1e-3, p=32, k=8, ce_weight=0.5
+    ),
+    "efficientnet_lite0": Recipe(
+        frozen=True, image_size=112, seconds=60.0, max_epochs=500, lr=1e-3, p=32, k=8, ce_weight=0.5
+    ),
+}
+DEFAULT_BACKBONE = "small_cnn"
+
+
+# ------------------------------------------------------------------ streaming
+def _file_stamp(paths: Sequence[Path]) -> bytes:
+    """Path, size and modification time of each file (a changed or replaced image changes it)."""
+    parts = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            parts.append(f"{p}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{p}|missing")
+    return "\n".join(parts).encode()
+
+
+def stream_chunks(
+    paths: Sequence[Path],
+    spec: InputSpec,
+    cache_dir: str | os.PathLike,
+    *,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    transform_key: str = "images",
+    chunk_size: int = 2048,
+    workers: int = 2,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """``transform`` (e.g. a frozen backbone's feature extractor) of every image at ``paths``
+    in ``spec``'s format (or the images themselves without one), computed ``chunk_size`` images
+    at a time and cached in ``cache_dir``, one file per chunk: a second call — after an
+    interruption, or for another training run — reads the finished chunks back. A chunk's
+    file name hashes its files (path, size, mtime), the format and ``transform_key``. Returns
+    the stacked outputs and ``{index: message}`` for unreadable files (their rows are zeros)."""
+    from tqdm.auto import tqdm
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    head = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode() + transform_key.encode())
+    outputs: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    bar = tqdm(total=len(paths), desc=f"{transform_key} (chunks of {chunk_size})", disable=not progress, leave=False)
+    for start in range(0, len(paths), chunk_size):
+        chunk = list(paths[start : start + chunk_size])
+        digest = head.copy()
+        digest.update(_file_stamp(chunk))
+        file = cache / f"chunk-{start // chunk_size:05d}-{digest.hexdigest()[:16]}.npz"
+        if file.is_file():
+            try:
+                with np.load(file, allow_pickle=False) as saved:
+                    values, bad_idx, bad_msg = saved["values"], saved["bad_index"], saved["bad_message"]
+                if len(values) == len(chunk):
+                    outputs.append(values)
+                    errors.update((start + int(i), str(m)) for i, m in zip(bad_idx, bad_msg))
+                    bar.update(len(chunk))
+                    continue
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged chunk is recomputed
+        images, chunk_errors = stream_images(chunk, spec, workers=workers, batch_size=batch_size)
+        values = transform(images) if transform is not None else images
+        if chunk_errors:
+            values[list(chunk_errors)] = 0
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            values=values,
+            bad_index=np.asarray(list(chunk_errors), np.int64),
+            bad_message=np.asarray(list(chunk_errors.values()) or [""], dtype=str)[: len(chunk_errors)],
+        )
+        atomic_write_bytes(file, buffer.getvalue())
+        outputs.append(values)
+        errors.update((start + i, m) for i, m in chunk_errors.items())
+        bar.update(len(chunk))
+    bar.close()
+    return np.concatenate(outputs) if outputs else np.zeros((0,)), errors
+
+
+# ------------------------------------------------------------------ records
+_NUMBER = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?$")
+
+
+def _typed_columns(rows: list[dict]) -> list[dict]:
+    """Columns whose every non-empty value is a number become numbers (int when all are whole),
+    so filters such as ``price < 50`` compare numbers; everything else stays text."""
+    columns = {k for row in rows for k in row}
+    numeric = {}
+    for column in columns:
+        values = [row.get(column) for row in rows]
+        texts = [v for v in values if isinstance(v, str) and v != ""]
+        if texts and len(texts) == sum(v not in (None, "") for v in values) and all(_NUMBER.match(v) for v in texts):
+            numeric[column] = int if all(re.match(r"^-?\d+$", v) for v in texts) else float
+    return [
+        {k: (numeric[k](v) if k in numeric and isinstance(v, str) and v != "" else v) for k, v in row.items()}
+        for row in rows
+    ]
+
+
+def catalog_records(catalog: FileCatalog, indices: Sequence[int], label_columns: Sequence[str]) -> list[dict]:
+    """Collection records of the catalog items at ``indices``: ``id`` (the catalog's integer
+    ``id`` column when its values are unique integers, e.g. Kaggle's, else the catalog row),
+    ``source`` (the image path), ``category``, ``style`` (the label columns joined) and every
+    catalog column (a non-integer ``id`` column is kept as ``catalog_id``)."""
+    base = catalog.records()
+    rows = _typed_columns([dict(base[i]) for i in indices])
+    ids = [row.get("id") for row in rows]
+    use_own = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids) and len(set(ids)) == len(ids)
+    records = []
+    for i, row in zip(indices, rows):
+        record = {k: v for k, v in row.items() if k not in ("id", "path")}
+        if not use_own and row.get("id") not in (None, ""):
+            record["catalog_id"] = row["id"]
+        record["id"] = row["id"] if use_own else int(i)
+        record["source"] = row["path"]
+        record["category"] = str(catalog.class_names[catalog.labels[i]])
+        record["style"] = " / ".join("" if row.get(c) is None else str(row.get(c)) for c in label_columns)
+        records.append(record)
+    return records
+
+
+def resolve_label_columns(catalog: FileCatalog, label_columns: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The requested label columns the catalog has (``category`` if none), and those it lacks."""
+    wanted = list(label_columns or DEFAULT_LABEL_COLUMNS)
+    available = set(catalog.columns())
+    present = [c for c in wanted if c in available]
+    return (present or ["category"]), [c for c in wanted if c not in available]
+
+
+# ------------------------------------------------------------------ the build
+@dataclass
+class ShopBuild:
+    """What :func:`build_shop_collection` made: paths, the model and collection, and per item
+    (``indices``: catalog rows in the collection, in order) its embedding and record."""
+
+    out_dir: Path
+    model_path: Path
+    collection_dir: Path
+    model: object
+    collection: object
+    catalog: FileCatalog
+    indices: np.ndarray
+    embeddings: np.ndarray
+    records: list[dict]
+    label_columns: list[str]
+    unreadable: dict[int, str] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def positions(self, catalog_indices: Sequence[int]) -> np.ndarray:
+        """Positions in :attr:`records` / :attr:`embeddings` of catalog rows (rows left out as
+        unreadable are dropped)."""
+        where = {int(i): n for n, i in enumerate(self.indices)}
+        return np.asarray([where[int(i)] for i in catalog_indices if int(i) in where], np.int64)
+
+    def searcher(self, **kwargs):
+        """A :class:`~fashsim.search.searcher.Searcher` over this build."""
+        from ..search.searcher import Searcher
+
+        return Searcher(self.model, self.collection, **kwargs)
+
+
+def _input_spec(backbone: str, recipe: Recipe, image_size: int | None) -> InputSpec:
+    from ..model.input_format import default_input_spec
+
+    size = image_size or recipe.image_size
+    if recipe.frozen:
+        return replace(default_input_spec(backbone, "shipped"), size=size, dark_background=False)
+    return replace(IMAGENET_SPEC, size=size)  # RGB from scratch: ImageNet statistics, BatchNorm does the rest
+
+
+def build_shop_collection(
+    catalog_or_path: FileCatalog | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    label_columns: Sequence[str] | None = DEFAULT_LABEL_COLUMNS,
+    backbone: str = DEFAULT_BACKBONE,
+    image_size: int | None = None,
+    multi_scale: bool = False,
+    embedding_dim: int = 128,
+    train_seconds: float | None = None,
+    train_indices: Sequence[int] | None = None,
+    skip_unreadable: bool = False,
+    kind: str = "auto",
+    workers: int = 2,
+    batch_size: int = 128,
+    chunk_size: int = 2048,
+    resume: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+    threads: int | None = None,
+    train_options: Mapping | None = None,
+    csv_options: Mapping | None = None,
+) -> ShopBuild:
+    """Catalog → trained RGB embedding → saved, searchable collection (see the module docstring).
+
+    ``train_indices``: the catalog rows the model may learn from (default: all); every readable
+    item is indexed either way — pass a split's train rows to evaluate on the others.
+    ``train_seconds`` (default: the recipe's) bounds the training; ``train_options`` overrides
+    :class:`~fashsim.app.shop_train.ShopTrainConfig` fields; ``resume=False`` ignores cached
+    chunks and checkpoints. ``csv_options`` go to :func:`~fashsim.data.catalogs.load_csv_catalog`.
+    """
+    import torch
+
+    from ..model.inference import embed_arrays
+    from ..model.networks import EmbeddingNet
+    from ..model.persistence import fingerprint, save_model
+    from ..search.collection import Collection
+    from .shop_train import ShopTrainConfig, train_shop_model
+
+    if backbone not in RECIPES:
+        raise ValueError(f"unknown backbone {backbone!r} for a shop; choose one of {', '.join(RECIPES)}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = (
+        catalog_or_path
+        if isinstance(catalog_or_path, FileCatalog)
+        else open_catalog(catalog_or_path, **(csv_options or {}))
+    )
+    columns, missing = resolve_label_columns(catalog, label_columns)
+    notes = []
+    if missing:
+        notes.append(f"label columns {missing} are not in the catalog: 'the same style' = {' + '.join(columns)}")
+        print("note: " + notes[-1], flush=True)
+    recipe = RECIPES[backbone]
+    spec = _input_spec(backbone, recipe, image_size)
+    torch.manual_seed(seed)
+    model = EmbeddingNet(
+        backbone,
+        embedding_dim=embedding_dim,
+        in_channels=3,
+        weights="shipped" if recipe.frozen else None,
+        input_spec=spec,
+        multi_scale=multi_scale and recipe.frozen,
+        backbone_widths=recipe.widths,
+    )
+    timings["catalog"] = time.perf_counter() - t0
+
+    # 1. stream: frozen features, or the small images a CNN trains on (chunked, cached, resumable)
+    from .shop_train import auto_threads
+
+    t = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or auto_threads())
+    cache = out / "cache"
+    if not resume:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+        (out / "train" / "checkpoint.pt").unlink(missing_ok=True)
+    if recipe.frozen:
+        from ..model.inference import extract_features
+        from ..model.persistence import hash_weights
+
+        extractor = model.backbone.eval().to(memory_format=torch.channels_last)
+        digest = hashlib.sha256(f"{backbone}|multi_scale={multi_scale}".encode())
+        hash_weights(digest, extractor)
+        inputs, errors = stream_chunks(
+            catalog.paths,
+            spec,
+            cache / "features",
+            transform=lambda images: extract_features(extractor, images, spec, batch_size=batch_size, progress=False),
+            transform_key=f"features-{digest.hexdigest()[:12]}",
+            chunk_size=chunk_size,
+            workers=workers,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    else:
+        inputs, errors = stream_chunks(
+            catalog.paths,
+            spec,
+            cache / "images",
+            transform_key="images",
+            chunk_size=chunk_size,
+            workers=workers,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    torch.set_num_threads(previous_threads)
+    timings["stream"] = time.perf_counter() - t
+
+    # 2. unreadable files: reported file by file; left out only on request
+    if errors:
+        message = unreadable_report(errors, len(catalog))
+        if not skip_unreadable:
+            raise FashsimError(
+                message + "\nfix or remove them, or build without them: skip_unreadable=True "
+                "(command line: --skip-unreadable)"
+            )
+        warnings.warn(f"{message}\nthese {len(errors)} items are left out of the collection", stacklevel=2)
+        notes.append(f"{len(errors)} unreadable images left out (listed in {BUILD_FILE})")
+    keep = np.asarray([i for i in range(len(catalog)) if i not in errors], np.int64)
+    if len(keep) < 2:
+        raise FashsimError(f"only {len(keep)} readable images in the catalog: nothing to search")
+
+    # 3. labels and training
+    t = time.perf_counter()
+    kept = catalog.subset(keep)
+    style, style_names = kept.combined_labels(columns)
+    aux = {c: np.unique(kept.column(c), return_inverse=True)[1] for c in columns} if len(columns) > 1 else {}
+    trainable = np.arange(len(keep))
+    if train_indices is not None:
+        trainable = np.flatnonzero(np.isin(keep, np.asarray(train_indices, np.int64)))
+    r = recipe
+    config = ShopTrainConfig(
+        **{
+            "seconds": train_seconds if train_seconds is not None else r.seconds,
+            "max_epochs": r.max_epochs,
+            "lr": r.lr,
+            "p": r.p,
+            "k": r.k,
+            "ce_weight": r.ce_weight,
+            "seed": seed,
+            "threads": threads,
+            **dict(train_options or {}),
+        }
+    )
+    kept_inputs = inputs[keep]
+    (out / "train").mkdir(exist_ok=True)
+    trained = train_shop_model(
+        model,
+        kept_inputs[trainable],
+        style[trainable],
+        {c: v[trainable] for c, v in aux.items()},
+        frozen=recipe.frozen,
+        config=config,
+        checkpoint=out / "train" / "checkpoint.pt",
+        progress=progress,
+    )
+    timings["train"] = time.perf_counter() - t
+
+    # 4. embed, index, save
+    t = time.perf_counter()
+    model.eval()
+    torch.set_num_threads(threads or auto_threads())
+    if recipe.frozen:
+        with torch.inference_mode():
+            feats = torch.from_numpy(np.ascontiguousarray(kept_inputs, dtype=np.float32))
+            embeddings = torch.nn.functional.normalize(model.head(feats).float(), dim=1).numpy()
+    else:
+        embeddings = embed_arrays(model, kept_inputs, batch_size=512)
+    torch.set_num_threads(previous_threads)
+    timings["embed"] = time.perf_counter() - t
+    t = time.perf_counter()
+    records = catalog_records(catalog, keep, columns)
+    model_fp = fingerprint(model)
+    collection = Collection.build(embeddings, records, kind=kind, model_fingerprint=model_fp)
+    model_path = out / MODEL_FILE
+    save_model(
+        model,
+        model_path,
+        shop={
+            "label_columns": columns,
+            "backbone": backbone,
+            "styles": len(style_names),
+            "items": int(len(keep)),
+            "train_items": int(len(trainable)),
+        },
+    )
+    collection_dir = out / COLLECTION_DIR
+    collection.save(collection_dir)
+    timings["index"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    summary = {
+        "catalog": str(catalog_or_path) if not isinstance(catalog_or_path, FileCatalog) else "FileCatalog",
+        "items": int(len(catalog)),
+        "indexed": int(len(keep)),
+        "trained_on": int(len(trainable)),
+        "label_columns": columns,
+        "styles": len(style_names),
+        "backbone": backbone,
+        "frozen": recipe.frozen,
+        "image_size": spec.size,
+        "multi_scale": bool(multi_scale and recipe.frozen),
+        "model": str(model_path),
+        "collection": str(collection_dir),
+        "model_fingerprint": model_fp,
+        "train": {k: v for k, v in trained.items() if k != "losses"}
+        | {"last_loss": (trained.get("losses") or [None])[-1], "config": config.to_dict()},
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        # photo file -> vector: decoding, resizing and the network (a frozen backbone runs while streaming)
+        "embed_images_per_second": round(len(catalog) / max(timings["stream"] + timings["embed"], 1e-9), 1),
+        "unreadable": [errors[i] for i in sorted(errors)],
+        "notes": notes,
+    }
+    atomic_write_bytes(out / BUILD_FILE, json.dumps(summary, indent=2).encode())
+    return ShopBuild(
+        out,
+        model_path,
+        collection_dir,
+        model,
+        collection,
+        catalog,
+        keep,
+        embeddings,
+        records,
+        columns,
+        dict(errors),
+        summary,
+    )
+
+
+# ------------------------------------------------------------------ filters
+_CONDITION = re.compile(r"^\s*([^<>=!]+?)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
+
+
+def where_predicate(conditions: Sequence[str] | str | None) -> Callable[[dict], bool] | None:
+    """A record filter from conditions such as ``"baseColour=Red"``, ``"price<50"``,
+    ``"pattern!=Solid"`` (all must hold; ``=`` compares text case-insensitively, ``<``/``>``
+    compare numbers). None for no conditions."""
+    if not conditions:
+        return None
+    if isinstance(conditions, str):
+        conditions = [conditions]
+    parsed = []
+    for text in conditions:
+        match = _CONDITION.match(text)
+        if not match:
+            raise ValueError(f"cannot read the filter {text!r}: write COLUMN=VALUE, COLUMN!=VALUE or COLUMN<NUMBER")
+        column, op, value = match.groups()
+        if op in ("<", "<=", ">", ">="):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"filter {text!r}: {op} needs a number") from None
+        parsed.append((column, op, value))
+
+    def predicate(record: dict) -> bool:
+        for column, op, value in parsed:
+            have = record.get(column)
+            if op in ("=", "=="):
+                ok = have is not None and str(have).casefold() == str(value).casefold()
+            elif op == "!=":
+                ok = have is None or str(have).casefold() != str(value).casefold()
+            else:
+                try:
+                    number = float(have)
+                except (TypeError, ValueError):
+                    return False
+                ok = {"<": number < value, "<=": number <= value, ">": number > value, ">=": number >= value}[op]
+            if not ok:
+                return False
+        return True
+
+    return predicate
+
+
+def open_shop(out_dir: str | os.PathLike, **kwargs):
+    """The :class:`~fashsim.search.searcher.Searcher` of a shop built into ``out_dir``."""
+    from ..search.searcher import Searcher
+
+    out = Path(out_dir)
+    return Searcher.from_paths(out / MODEL_FILE, out / COLLECTION_DIR, **kwargs)
+
+
+# ------------------------------------------------------------------ command line
+def _cmd_generate(args) -> int:
+    from ..data.colour_shop import generate_colour_shop
+
+    path = generate_colour_shop(
+        args.out,
+        size=args.size,
+        image_size=args.image_size,
+        seed=args.seed,
+        colours=args.colours,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(f"colour shop: {args.size} items -> {path}")
+    return 0
+
+
+def _cmd_build(args) -> int:
+    csv_options = {
+        k: v
+        for k, v in (
+            ("category_column", args.category_column),
+            ("path_column", args.path_column),
+            ("image_dir", args.image_dir),
+        )
+        if v
+    }
+    build = build_shop_collection(
+        args.catalog,
+        args.out,
+        label_columns=args.label_columns,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        train_seconds=args.train_seconds,
+        skip_unreadable=args.skip_unreadable,
+        kind=args.kind,
+        workers=args.workers,
+        resume=not args.fresh,
+        progress=not args.quiet,
+        csv_options=csv_options or None,
+    )
+    s = build.summary
+    print(
+        f"indexed {s['indexed']} of {s['items']} items ({s['styles']} styles of {' + '.join(s['label_columns'])}) "
+        f"in {s['seconds']['total']:.0f} s\n  model:      {build.model_path}\n  collection: {build.collection_dir}"
+    )
+    return 0
+
+
+def _cmd_search(args) -> int:
+    searcher = open_shop(args.shop, threads=1)
+    hits = searcher.search(args.image, k=args.k, category=args.category, where=where_predicate(args.where))
+    if args.json:
+        print(json.dumps([hit.__dict__ for hit in hits], indent=2))
+    else:
+        for hit in hits:
+            extra = ", ".join(f"{k}={hit.extra[k]}" for k in ("style", "price") if k in hit.extra)
+            print(f"{hit.rank:3d}  {hit.score:.4f}  {hit.category:14s}  {extra}  {hit.source}")
+    return 0
+
+
+def add_shop_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``shop generate | build | search`` to a CLI's subparsers (``python -m fashsim shop ...``)."""
+    from ..data.colour_shop import DEFAULT_COLOURS
+
+    shop = subparsers.add_parser("shop", help="your own shop: a photo catalog -> a searchable collection")
+    sub = shop.add_subparsers(dest="shop_command", required=True)
+
+    gen = sub.add_parser("generate", help="write the generated colour shop (Kaggle layout: styles.csv + images/)")
+    gen.add_argument("out", help="folder to write")
+    gen.add_argument("--size", type=int, default=10000, help="number of items (default 10000)")
+    gen.add_argument("--image-size", type=int, default=96, help="photo size in pixels (default 96)")
+    gen.add_argument(
+        "--colours", type=int, default=DEFAULT_COLOURS, help=f"number of colours (default {DEFAULT_COLOURS})"
+    )
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--workers", type=int, default=2)
+    gen.add_argument("--quiet", action="store_true")
+    gen.set_defaults(func=_cmd_generate)
+
+    build = sub.add_parser("build", help="train an RGB embedding on a catalog and save a searchable collection")
+    build.add_argument(
+        "catalog",
+        help="Kaggle folder (styles.csv + images/), a CSV file, a DeepFashion In-shop "
+        "folder or an image folder (<category>/<image>)",
+    )
+    build.add_argument("--out", required=True, help="output folder (model.pt, collection/, cache/, build.json)")
+    build.add_argument(
+        "--label-columns",
+        nargs="+",
+        default=list(DEFAULT_LABEL_COLUMNS),
+        metavar="COLUMN",
+        help="columns whose combination is 'the same style' (default: articleType baseColour "
+        "pattern; those missing are dropped)",
+    )
+    build.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=list(RECIPES))
+    build.add_argument("--image-size", type=int, help="network input size (default: the recipe's)")
+    build.add_argument(
+        "--train-seconds",
+        type=float,
+        help="training budget in seconds (default: the recipe's; small_cnn: 40 epochs or 360 s, whichever comes first)",
+    )
+    build.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out (listed)")
+    build.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    build.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
+    build.add_argument("--category-column", help="CSV: the category column (default: category/articleType/...)")
+    build.add_argument("--path-column", help="CSV: the image path column (default: path/image/filename/...)")
+    build.add_argument("--image-dir", help="CSV: the folder image paths are relative to")
+    build.add_argument("--fresh", action="store_true", help="ignore cached features and checkpoints")
+    build.add_argument("--quiet", action="store_true")
+    build.set_defaults(func=_cmd_build)
+
+    search = sub.add_parser("search", help="search a built shop with an image, optionally filtered")
+    search.add_argument("shop", help="the --out folder of `shop build`")
+    search.add_argument("image", help="an image file")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--category", help="only items of this category")
+    search.add_argument(
+        "--where",
+        action="append",
+        metavar="CONDITION",
+        help="filter on any column, e.g. baseColour=Red or 'price<50' (repeatable)",
+    )
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=_cmd_search)
+    return shop
+
+
+def main_build(argv: Sequence[str] | None = None) -> int:
+    """``python -m fashsim.app.shop {generate,build,search} ...`` (the same as ``fashsim shop ...``)."""
+    parser = argparse.ArgumentParser(prog="fashsim shop")
+    add_shop_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["shop", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.func(args)
+    except (FashsimError, ValueError) as exc:
+        print(f"fashsim: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main_build())

@@ -1,0 +1,240 @@
+"""Training for photo catalogs (:mod:`fashsim.app.shop`): a triplet embedding on "the same style"
+with batch-hard mining, plus a cross-entropy head per label column (multi-task), for a
+wall-clock budget, resumable.
+
+Two inputs, one loop:
+
+* **cached backbone features** (a frozen pretrained backbone, the CPU path): only the head
+  (projection + BN-neck) trains; the features are standardised during training and the
+  standardisation is folded into the projection afterwards, so the saved model takes raw
+  backbone features like any :class:`~fashsim.model.networks.EmbeddingNet`;
+* **images in the model's input format** (a small CNN from scratch at low resolution): the
+  whole network trains, with flips and small shifts as augmentation (never colour jitter: colour
+  is what the shop searches by).
+
+A checkpoint is written every ``checkpoint_seconds`` and at the end; a run interrupted and
+started again with the same data and configuration continues where it stopped (within the
+remaining budget), and a finished one is not trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.sampler import PKBatchSampler
+from ..data.transforms import augment_batch, normalise_batch
+from ..fileio import atomic_torch_save
+from ..model.networks import EmbeddingNet
+from ..train.losses import triplet_loss
+
+
+@dataclass
+class ShopTrainConfig:
+    """How the shop model trains (see the module docstring)."""
+
+    seconds: float = 60.0  # wall-clock budget of the optimisation
+    max_epochs: int = 500
+    p: int = 32  # styles per batch (capped at the number of styles)
+    k: int = 8  # images per style
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    margin: float = 0.2
+    mining: str = "batch_hard"
+    ce_weight: float = 0.5  # cross-entropy per label column, on the BN-neck output (0: triplet only)
+    feature_dropout: float = 0.2  # frozen features only
+    augment: bool = True  # images only: flips and 2-px shifts
+    warmup_steps: int = 50
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads while training (None: 1 for a head, auto_threads() for a CNN)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_RESUMABLE = {"seconds", "max_epochs", "threads"}
+
+
+def auto_threads() -> int:
+    """Every core on an idle machine, one on a busy one: when other processes already keep the
+    cores busy (1-minute load average ≥ cores − 0.5), several torch threads wait on each other
+    at every step — measured 10× slower than one thread on a shared two-core machine."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores - 0.5
+    except OSError:  # not available on this platform
+        busy = False
+    return 1 if busy else cores
+
+
+def _data_key(inputs: np.ndarray, style: np.ndarray, aux: Mapping[str, np.ndarray], config: ShopTrainConfig) -> str:
+    digest = hashlib.sha256(
+        json.dumps({k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}, sort_keys=True).encode()
+    )
+    digest.update(str(inputs.shape).encode())
+    step = max(1, len(inputs) // 512)  # a sample of rows: enough to tell data sets apart, cheap for large ones
+    digest.update(np.ascontiguousarray(inputs[::step]).tobytes())
+    digest.update(np.ascontiguousarray(style).tobytes())
+    for name in sorted(aux):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(aux[name]).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def fold_standardisation(projection: nn.Linear, mean: np.ndarray, std: np.ndarray) -> None:
+    """Make ``projection(x)`` equal what it computed on ``(x - mean) / std``: ``W' = W / std``,
+    ``b' = b - W' · mean`` (in place)."""
+    with torch.no_grad():
+        mean_t = torch.as_tensor(mean, dtype=projection.weight.dtype)
+        std_t = torch.as_tensor(std, dtype=projection.weight.dtype)
+        projection.weight.div_(std_t[None, :])
+        projection.bias.sub_(projection.weight @ mean_t)
+
+
+def train_shop_model(
+    model: EmbeddingNet,
+    inputs: np.ndarray,
+    style: np.ndarray,
+    aux: Mapping[str, np.ndarray],
+    *,
+    frozen: bool,
+    config: ShopTrainConfig,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` in place on ``inputs`` — backbone features ``(N, F)`` when ``frozen``, else
+    uint8 images ``(N, H, W, 3)`` in ``model.input_spec`` — with batch-hard triplets on ``style``
+    (int labels) plus ``config.ce_weight`` × cross-entropy on each ``aux`` label array. Returns a
+    summary (steps, epochs, seconds, last losses, whether it resumed)."""
+    from tqdm.auto import tqdm
+
+    style = np.asarray(style, np.int64)
+    aux = {name: np.asarray(values, np.int64) for name, values in aux.items() if len(np.unique(values)) > 1}
+    previous_threads = torch.get_num_threads()
+    threads = config.threads or (1 if frozen else auto_threads())
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    try:
+        n_styles = len(np.unique(style))
+        p = max(2, min(config.p, n_styles))
+        sampler = PKBatchSampler(style, p=p, k=config.k, seed=config.seed)
+        heads = nn.ModuleDict(
+            {name: nn.Linear(model.embedding_dim, int(values.max()) + 1) for name, values in aux.items()}
+        )
+        if frozen:
+            model.backbone.requires_grad_(False)
+            mean = inputs.mean(0).astype(np.float32)
+            std = (inputs.std(0) + 1e-4).astype(np.float32)
+            x_all = torch.from_numpy((inputs - mean) / std).float()
+            trainable = list(model.projection.parameters()) + list(model.neck.parameters())
+        else:
+            mean = std = None
+            x_all = torch.from_numpy(np.ascontiguousarray(inputs))
+            model = model.to(memory_format=torch.channels_last)
+            trainable = list(model.parameters())
+        optimizer = torch.optim.AdamW(
+            trainable + list(heads.parameters()), lr=config.lr, weight_decay=config.weight_decay
+        )
+        y_style = torch.from_numpy(style)
+        y_aux = {name: torch.from_numpy(values) for name, values in aux.items()}
+        key = _data_key(inputs, style, aux, config)
+        state = {"step": 0, "epoch": 0, "elapsed": 0.0, "losses": [], "resumed": False}
+        path = Path(checkpoint) if checkpoint else None
+        if path is not None and path.is_file():
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+            if blob.get("key") == key:
+                model.load_state_dict(blob["model"])
+                heads.load_state_dict(blob["heads"])
+                optimizer.load_state_dict(blob["optimizer"])
+                generator.set_state(blob["generator"])
+                state = {**blob["state"], "resumed": True}
+                if blob.get("folded"):  # a finished run: its model is already the final one
+                    return {**state, "threads": threads}
+
+        def save(folded: bool = False) -> None:
+            if path is not None:
+                atomic_torch_save(
+                    {
+                        "key": key,
+                        "model": model.state_dict(),
+                        "heads": heads.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(),
+                        "state": state,
+                        "folded": folded,
+                        "config": config.to_dict(),
+                    },
+                    path,
+                )
+
+        model.train()
+        if frozen:
+            model.backbone.eval()
+        spec = model.input_spec
+        bar = tqdm(
+            total=round(config.seconds),
+            initial=min(round(state["elapsed"]), round(config.seconds)),
+            desc="training (s)",
+            disable=not progress,
+            leave=False,
+        )
+        last_save = time.perf_counter()
+        done = state["elapsed"] >= config.seconds
+        while not done and state["epoch"] < config.max_epochs:
+            sampler.set_epoch(state["epoch"])
+            for batch in sampler:
+                start = time.perf_counter()
+                progress_now = min(1.0, max(state["elapsed"] / config.seconds, state["epoch"] / config.max_epochs))
+                factor = min(1.0, (state["step"] + 1) / max(1, config.warmup_steps))
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * factor * 0.5 * (1.0 + math.cos(math.pi * progress_now))
+                index = torch.as_tensor(batch)
+                if frozen:
+                    raw = model.head(F.dropout(x_all[index], config.feature_dropout))
+                else:
+                    x = normalise_batch(x_all[index], spec)
+                    if config.augment:
+                        x = augment_batch(x, generator)
+                    raw = model.raw_embedding(x.contiguous(memory_format=torch.channels_last))
+                loss = triplet_loss(
+                    F.normalize(raw.float(), dim=1), y_style[index], mining=config.mining, margin=config.margin
+                ).loss
+                for name, head in heads.items():
+                    loss = loss + config.ce_weight * F.cross_entropy(head(raw), y_aux[name][index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state["step"] += 1
+                state["elapsed"] += time.perf_counter() - start
+                state["losses"] = (state["losses"] + [round(loss.item(), 4)])[-20:]
+                bar.n = min(round(state["elapsed"]), round(config.seconds))
+                bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", epoch=state["epoch"] + 1, refresh=False)
+                bar.update(0)
+                if path is not None and time.perf_counter() - last_save > 20:
+                    save()
+                    last_save = time.perf_counter()
+                if state["elapsed"] >= config.seconds:
+                    done = True
+                    break
+            else:
+                state["epoch"] += 1
+        bar.close()
+        model.eval()
+        if frozen:
+            fold_standardisation(model.projection, mean, std)
+        save(folded=True)
+        return {**state, "threads": threads}
+    finally:
+        torch.set_num_threads(previous_threads)

@@ -1,0 +1,350 @@
+"""Your own shop: the generated colour shop, catalogs of every layout built into searchable
+collections, unreadable files reported, colour queries, metadata filters, evaluation."""
+
+import collections
+import csv
+import io
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashsim.app import shop
+from fashsim.data import catalogs, colour_shop
+from fashsim.errors import FashsimError
+from fashsim.evaluation import shop as shop_eval
+from fashsim.search.collection import IndexMismatchError
+from fashsim.search.searcher import Searcher
+
+SMALL = {"size": 240, "image_size": 64, "colours": ["Red", "Navy Blue", "Yellow"], "patterns": ["Solid", "Striped"]}
+FAST = {
+    "backbone": "mobilenet_v2",
+    "image_size": 64,
+    "train_seconds": 6.0,
+    "workers": 1,
+    "progress": False,
+    "chunk_size": 128,
+}
+
+
+@pytest.fixture(scope="module")
+def small_shop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shop") / "colour-shop"
+    colour_shop.generate_colour_shop(root, **SMALL, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def kaggle_build(small_shop, tmp_path_factory):
+    return shop.build_shop_collection(small_shop, tmp_path_factory.mktemp("built") / "shop", **FAST)
+
+
+def _rows(root):
+    with open(root / "styles.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------ the generated catalog
+def test_colour_shop_is_a_deterministic_kaggle_layout_catalog(small_shop, tmp_path):
+    rows = _rows(small_shop)
+    assert list(rows[0]) == list(colour_shop.COLUMNS)
+    assert len(rows) == 240 and len({r["id"] for r in rows}) == 240
+    assert all((small_shop / "images" / f"{r['id']}.jpg").is_file() for r in rows)
+    styles = {(r["articleType"], r["baseColour"], r["pattern"]) for r in rows}
+    assert len(styles) == 10 * 3 * 2  # every style present, balanced within each garment kind
+    counts = collections.Counter((r["articleType"], r["baseColour"], r["pattern"]) for r in rows)
+    assert set(counts.values()) == {4}
+    image = np.asarray(Image.open(small_shop / "images" / f"{rows[0]['id']}.jpg"))
+    assert image.shape == (64, 64, 3) and image[0, 0].min() > 200  # a light background, in colour
+    # same seed, other worker count: the same bytes; a second call reuses the files
+    again = colour_shop.generate_colour_shop(tmp_path / "again", **SMALL, workers=2, progress=False)
+    assert (again.parent / "styles.csv").read_bytes() == (small_shop / "styles.csv").read_bytes()
+    assert (again.parent / "images" / "10007.jpg").read_bytes() == (small_shop / "images" / "10007.jpg").read_bytes()
+    mtime = (again.parent / "images" / "10007.jpg").stat().st_mtime_ns
+    colour_shop.generate_colour_shop(tmp_path / "again", **SMALL, progress=False)
+    assert (again.parent / "images" / "10007.jpg").stat().st_mtime_ns == mtime
+    with pytest.raises(FashsimError, match="another colour shop"):
+        colour_shop.generate_colour_shop(tmp_path / "again", **{**SMALL, "seed": 1}, progress=False)
+
+
+def test_rendered_colour_and_pattern_are_visible():
+    garment = np.zeros((28, 28), np.uint8)
+    garment[4:24, 6:22] = 200
+    rng = np.random.default_rng(0)
+    red = np.asarray(
+        Image.open(io.BytesIO(colour_shop.render_item(garment, colour_shop.COLOURS["Red"], "Solid", 64, rng)))
+    )
+    centre = red[24:40, 24:40].reshape(-1, 3).mean(0)
+    assert centre[0] > 120 and centre[1] < 80 and centre[2] < 80
+    assert colour_shop.pattern_mask("Solid", 20, 20, rng).max() == 0
+    stripes = colour_shop.pattern_mask("Striped", 60, 60, rng)
+    assert 0.3 < stripes.mean() < 0.7
+
+
+def test_open_catalog_keeps_every_column_and_combines_labels(small_shop):
+    catalog = catalogs.open_catalog(small_shop)
+    assert catalogs.detect_layout(small_shop) == "csv"
+    assert len(catalog) == 240 and catalog.class_names[0] == "Boots"
+    assert set(colour_shop.COLUMNS) <= set(catalog.extra[0])  # category and id columns too
+    assert catalog.paths[0] == small_shop / "images" / f"{catalog.extra[0]['id']}.jpg"
+    labels, names = catalog.combined_labels(["articleType", "baseColour", "pattern"])
+    assert len(names) == 60 and labels.max() == 59
+    assert names[labels[0]] == " / ".join(catalog.extra[0][c] for c in ("articleType", "baseColour", "pattern"))
+    with pytest.raises(KeyError, match="no metadata column"):
+        catalog.column("fabric")
+
+
+# ------------------------------------------------------------------ build and search
+def test_kaggle_layout_builds_a_searchable_collection_with_every_column(kaggle_build):
+    build = kaggle_build
+    assert build.label_columns == ["articleType", "baseColour", "pattern"]
+    assert len(build.collection) == 240 and build.summary["styles"] == 60
+    searcher = Searcher.from_paths(build.model_path, build.collection_dir)
+    assert searcher.spec.channels == 3 and not searcher.spec.dark_background
+    hit = searcher.search(build.records[0]["source"], k=3)[0]
+    assert hit.id == build.records[0]["id"] == 10000 and hit.score > 0.99
+    for column in (
+        "gender",
+        "masterCategory",
+        "subCategory",
+        "articleType",
+        "baseColour",
+        "season",
+        "year",
+        "usage",
+        "productDisplayName",
+        "pattern",
+        "price",
+        "style",
+    ):
+        assert column in hit.extra
+    assert isinstance(hit.extra["price"], float) and isinstance(hit.extra["year"], int)
+    assert build.summary["train"]["step"] > 0
+    saved = json.loads((build.out_dir / "build.json").read_text())
+    assert saved["indexed"] == 240 and saved["unreadable"] == []
+
+
+def test_rgb_query_keeps_its_colour_and_finds_that_colour_first(kaggle_build, fmnist_train):
+    searcher = kaggle_build.searcher()
+    prepared = searcher.prepare(np.full((50, 40, 3), (200, 30, 35), np.uint8))
+    assert prepared.shape == (64, 64, 3) and prepared[..., 0].mean() > 150 > prepared[..., 1].mean() + 60
+    found = 0
+    for n, colour in enumerate(("Red", "Navy Blue", "Yellow")):
+        for garment_index in (0, 1, 2, 3):  # garments from the *training* split: never in the shop
+            rng = np.random.default_rng([7, n, garment_index])
+            query = colour_shop.render_item(
+                fmnist_train.images[garment_index], colour_shop.COLOURS[colour], "Solid", 64, rng
+            )
+            hits = searcher.search(query, k=5)
+            found += sum(h.extra["baseColour"] == colour for h in hits)
+            assert hits[0].extra["baseColour"] == colour
+    assert found >= 0.9 * 3 * 4 * 5
+
+
+def test_metadata_filters_on_any_column(kaggle_build):
+    searcher = kaggle_build.searcher()
+    query = kaggle_build.records[5]["source"]
+    cheap_red = shop.where_predicate(["baseColour=red", "price<50"])
+    hits = searcher.search(query, k=10, where=cheap_red)
+    assert hits and all(h.extra["baseColour"] == "Red" and h.extra["price"] < 50 for h in hits)
+    striped_bags = searcher.search(query, k=50, category="Handbags", where=shop.where_predicate("pattern!=Solid"))
+    assert striped_bags and all(h.category == "Handbags" and h.extra["pattern"] == "Striped" for h in striped_bags)
+    assert searcher.search(query, k=5, where=shop.where_predicate("price>100000")) == []
+    with pytest.raises(ValueError, match="needs a number"):
+        shop.where_predicate("price<cheap")
+
+
+def test_a_collection_refuses_another_model(kaggle_build):
+    from fashsim.model.networks import EmbeddingNet
+
+    other = EmbeddingNet("small_cnn", in_channels=3, input_spec=kaggle_build.model.input_spec)
+    with pytest.raises(IndexMismatchError):
+        Searcher(other, kaggle_build.collection)
+    with pytest.raises(IndexMismatchError):
+        from fashsim.search.collection import Collection
+
+        Collection.load(kaggle_build.collection_dir, model=other)
+
+
+def test_a_second_build_resumes_from_cached_chunks_and_checkpoint(kaggle_build, small_shop):
+    chunks = sorted((kaggle_build.out_dir / "cache" / "features").glob("chunk-*.npz"))
+    assert len(chunks) == 2  # 240 items in chunks of 128
+    stamps = [c.stat().st_mtime_ns for c in chunks]
+    again = shop.build_shop_collection(small_shop, kaggle_build.out_dir, **FAST)
+    assert [c.stat().st_mtime_ns for c in chunks] == stamps
+    assert again.summary["train"]["resumed"] is True
+    assert again.summary["model_fingerprint"] == kaggle_build.summary["model_fingerprint"]
+
+
+def test_unreadable_images_are_reported_file_by_file(small_shop, tmp_path):
+    broken = tmp_path / "broken-shop"
+    shutil.copytree(small_shop, broken)
+    (broken / "images" / "10003.jpg").write_bytes(b"")
+    (broken / "images" / "10010.jpg").write_bytes((broken / "images" / "10011.jpg").read_bytes()[:200])
+    with pytest.raises(FashsimError) as error:
+        shop.build_shop_collection(broken, tmp_path / "out", **FAST)
+    message = str(error.value)
+    assert "2 of 240" in message and "10003.jpg" in message and "10010.jpg" in message
+    assert "skip_unreadable" in message
+    with pytest.warns(UserWarning, match="left out"):
+        build = shop.build_shop_collection(broken, tmp_path / "out", **FAST, skip_unreadable=True)
+    assert len(build.collection) == 238
+    assert len(build.summary["unreadable"]) == 2 and "10003.jpg" in build.summary["unreadable"][0]
+    assert {10003, 10010}.isdisjoint(r["id"] for r in build.records)
+
+
+def test_image_folder_layout(small_shop, tmp_path):
+    folder = tmp_path / "folder"
+    for row in _rows(small_shop)[:120]:
+        target = folder / row["articleType"] / f"{row['id']}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(small_shop / "images" / f"{row['id']}.jpg", target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build = shop.build_shop_collection(folder, tmp_path / "out", **{**FAST, "train_seconds": 2.0})
+    assert build.label_columns == ["category"]
+    assert any("not in the catalog" in note for note in build.summary["notes"])
+    first = _rows(small_shop)[0]
+    hits = build.searcher().search(folder / first["articleType"] / f"{first['id']}.jpg", k=3)
+    assert hits[0].category == first["articleType"] and hits[0].score > 0.99
+
+
+def test_deepfashion_inshop_layout(small_shop, tmp_path):
+    root = tmp_path / "inshop"
+    rows = _rows(small_shop)[:60]
+    lines = []
+    for n, row in enumerate(rows):
+        gender = "WOMEN" if row["gender"] == "Women" else "MEN"
+        item = f"id_{int(row['id']) // 2:08d}"  # two photos per item
+        name = f"img/{gender}/{row['articleType'].replace(' ', '_')}/{item}/{n:02d}_1_front.jpg"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(small_shop / "images" / f"{row['id']}.jpg", root / name)
+        lines.append(f"{name} {item} {'train' if n % 3 else 'query'}")
+    (root / "Eval").mkdir()
+    (root / "Eval" / "list_eval_partition.txt").write_text(
+        f"{len(lines)}\nimage_name item_id evaluation_status\n" + "\n".join(lines) + "\n"
+    )
+    assert catalogs.detect_layout(root) == "inshop"
+    build = shop.build_shop_collection(
+        root, tmp_path / "out", label_columns=["item_id"], **{**FAST, "train_seconds": 2.0}
+    )
+    assert build.label_columns == ["item_id"]
+    hit = build.searcher().search(root / lines[0].split()[0], k=1)[0]
+    assert hit.extra["item_id"] == lines[0].split()[1] and hit.extra["split"] == "query"
+
+
+def test_generic_csv_with_paths_and_the_command_line(small_shop, tmp_path, capsys):
+    rows = _rows(small_shop)[:100]
+    with open(tmp_path / "my_catalog.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "kind", "colour", "price"])
+        for row in rows:
+            writer.writerow(
+                [str(small_shop / "images" / f"{row['id']}.jpg"), row["articleType"], row["baseColour"], row["price"]]
+            )
+    out = tmp_path / "out"
+    code = shop.main_build(
+        [
+            "build",
+            str(tmp_path / "my_catalog.csv"),
+            "--out",
+            str(out),
+            "--category-column",
+            "kind",
+            "--label-columns",
+            "kind",
+            "colour",
+            "--image-size",
+            "64",
+            "--train-seconds",
+            "2",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert code == 0 and "indexed 100 of 100" in capsys.readouterr().out
+    code = shop.main_build(
+        [
+            "search",
+            str(out),
+            str(small_shop / "images" / f"{rows[0]['id']}.jpg"),
+            "-k",
+            "3",
+            "--where",
+            "price<60",
+            "--json",
+        ]
+    )
+    hits = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(hits) == 3 and all(h["extra"]["price"] < 60 for h in hits)
+    assert hits[0]["extra"]["style"].count(" / ") == 1
+    assert shop.main_build(["build", str(tmp_path / "missing.csv"), "--out", str(out)]) == 1
+
+
+# ------------------------------------------------------------------ evaluation
+def test_shop_metrics_and_split():
+    records = [{"articleType": t, "baseColour": c, "pattern": "Solid"} for t in "AB" for c in "xy" for _ in range(3)]
+    style = shop_eval.style_labels(records, ["articleType", "baseColour"])
+    perfect = np.eye(4, dtype=np.float32)[style] + 0.01 * np.random.default_rng(0).normal(size=(12, 4))
+    scores = shop_eval.shop_metrics(perfect, records, ["articleType", "baseColour"], ks=(1, 2))
+    assert scores["style_recall@1"] == scores["style_map@r"] == 1.0
+    assert scores["baseColour_match@2"] == 1.0 and scores["category_recall@1"] == 1.0
+    parts = shop_eval.shop_split(
+        records * 2,
+        ["articleType", "baseColour"],
+        test_fraction=0.25,
+        open_set=[{"articleType": "B", "baseColour": "y"}, {"fabric": "silk"}],
+    )
+    assert len(parts["unseen"]) == 6 and all(records[i % 12]["articleType"] == "B" for i in parts["unseen"])
+    assert len(np.intersect1d(parts["train"], parts["test"])) == 0
+    assert len(parts["train"]) + len(parts["test"]) + len(parts["unseen"]) == 24
+    hist = shop_eval.colour_histogram(np.full((2, 4, 4, 3), 255, np.uint8))
+    assert hist.shape == (2, 512) and np.allclose(hist[:, -1], 1.0)
+
+
+def test_evaluate_shop_compares_with_baselines(kaggle_build, tmp_path):
+    build = kaggle_build
+    parts = shop_eval.shop_split(
+        build.records,
+        build.label_columns,
+        test_fraction=0.5,
+        open_set=[{"articleType": "Dresses", "pattern": "Striped"}],
+    )
+    paths = [r["source"] for r in build.records]
+    report = shop_eval.evaluate_shop(
+        build.embeddings,
+        build.records,
+        paths,
+        parts,
+        build.label_columns,
+        baselines=("colour_histogram", "raw_pixels", "greyscale_fashion_mnist"),
+        greyscale_model=tmp_path / "absent.pt",
+        workers=1,
+    )
+    assert set(report["methods"]) == {"trained", "colour_histogram", "raw_pixels"}
+    assert "greyscale_fashion_mnist skipped" in report["notes"][0]
+    assert 0 <= report["methods"]["raw_pixels"]["test"]["style_recall@1"] <= 1
+    assert "open_set" in report["methods"]["trained"]
+    rows = shop_eval.comparison_rows(report)
+    assert rows[0]["method"] == "trained" and "baseColour_match@5" in rows[0]
+    json.dumps(report)  # JSON-able
+
+
+def test_greyscale_and_frozen_baselines_embed_catalog_photos(small_shop, tmp_path):
+    from fashsim.model.networks import EmbeddingNet
+    from fashsim.model.persistence import save_model
+
+    paths = sorted((small_shop / "images").glob("*.jpg"))[:12]
+    save_model(EmbeddingNet("small_cnn").eval(), tmp_path / "greyscale.pt")
+    grey = shop_eval.baseline_embeddings(
+        "greyscale_fashion_mnist", paths, greyscale_model=tmp_path / "greyscale.pt", workers=0
+    )
+    assert grey.shape == (12, 128) and np.allclose(np.linalg.norm(grey, axis=1), 1, atol=1e-4)
+    frozen = shop_eval.baseline_embeddings("frozen_imagenet", paths, image_size=64, workers=0)
+    assert frozen.shape == (12, 1280) and np.isfinite(frozen).all()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        shop_eval.baseline_embeddings("sift", paths)
