@@ -190,6 +190,7 @@ class SearchApp:
         )
         self.status = w.HTML("")
         self.error = w.HTML("")
+        self.last_error = ""  # the last failure as plain text (what self.error shows)
         self.query_original = w.Image(format="png", width=160)
         self.query_model_view = w.Image(format="png", width=96)
         self.query_caption = w.HTML("")
@@ -390,6 +391,7 @@ class SearchApp:
         self.results_html.value = ""
         self.query_box.children = ()
         self.error.value = ""
+        self.last_error = ""  # the message of the last failure, as plain text
         self.status.value = ""
         self.last_hits = []
 
@@ -400,6 +402,7 @@ class SearchApp:
 
     def _fail(self, message: str) -> None:
         self._clear()
+        self.last_error = message
         self.error.value = f"<div class='fashsim-error'>⚠ {html.escape(message)}</div>"
 
     def _show_query(self, original: np.ndarray, prepared: np.ndarray, identity: str) -> None:

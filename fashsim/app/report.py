@@ -129,7 +129,10 @@ def build_report(
     ]
 
     def section(heading: str, *body: str) -> None:
-        lines.extend([f"## {heading}", "", *body, ""])
+        lines.extend([f"## {heading}", ""])
+        for part in body:
+            if part:
+                lines.extend([part.rstrip("\n"), ""])
 
     times = results.get("pipeline", {})
     if times:
