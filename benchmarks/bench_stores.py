@@ -33,24 +33,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_search import synthetic as clustered_vectors  # the same data model as bench_search.py
 
 CATEGORIES = [f"c{i}" for i in range(10)]
 HNSW = {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128}
 
 
-def synthetic(n: int, n_queries: int, dim: int = 128, clusters: int = 1000, seed: int = 0):
-    """Clustered unit vectors (cluster centres + isotropic noise) and a category per item."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
-
-    def draw(m):
-        x = centres[rng.integers(0, clusters, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-    base, queries = draw(n), draw(n_queries)
-    categories = rng.integers(0, len(CATEGORIES), n)
-    query_categories = rng.integers(0, len(CATEGORIES), n_queries)
-    return base, categories, queries, query_categories
+def synthetic(n: int, n_queries: int, seed: int = 0):
+    """The search benchmark's clustered unit vectors, each item and query with a random category."""
+    base, queries = clustered_vectors(n, n_queries, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    return base, rng.integers(0, len(CATEGORIES), n), queries, rng.integers(0, len(CATEGORIES), n_queries)
 
 
 def exact(base: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndarray:

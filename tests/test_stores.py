@@ -309,6 +309,34 @@ def test_searcher_works_unchanged_on_top(store_kit):
     assert searcher.collection.metadata.get([some_id])[0]["source"] == f"fashion-mnist:test:{some_id - 60000}"
 
 
+@both_stores
+def test_the_demo_app_searches_and_filters_on_either_store(store_kit):
+    import torch
+
+    from fashsim.app.demo import SearchApp, png_bytes
+    from fashsim.model.inference import embed_arrays
+    from fashsim.model.networks import EmbeddingNet
+    from fashsim.model.persistence import fingerprint
+    from fashsim.search.searcher import Searcher
+
+    _, build, reopen = store_kit
+    torch.manual_seed(0)
+    model = EmbeddingNet("small_cnn").eval()
+    blocks = np.random.default_rng(4).integers(0, 256, size=(30, 7, 7))
+    images = np.kron(blocks, np.ones((4, 4))).astype(np.uint8)
+    records = [{"id": i, "source": f"fashion-mnist:test:{i}", "category": CATEGORIES[i % 4],
+                "colour": "Red" if i % 2 else "Blue", "name": f"item {i}"} for i in range(30)]  # fmt: skip
+    collection = build(embed_arrays(model, images), records, model_fingerprint=fingerprint(model))
+    searcher = Searcher(model, reopen(collection, model=model))
+    assert searcher.collection.metadata.field_values() == {"colour": ["Blue", "Red"]}  # names: too many to filter
+    app = SearchApp(searcher, k=5)
+    hits = app.search_bytes(png_bytes(images[3], size=28), name="query.png")
+    assert not app.last_error and len(hits) == 5
+    assert all(hit.extra["colour"] in ("Red", "Blue") and hit.extra["name"].startswith("item") for hit in hits)
+    app.search_bytes(b"not an image", name="notes.jpg")
+    assert "notes.jpg" in app.last_error
+
+
 # ---------------------------------------------------------------- filters and the factory (store-independent)
 def test_filter_forms():
     assert conditions({"colour": "Red", "price": ("<", 50), "size": ["S", "M"]}) == [

@@ -130,6 +130,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_serve(args) -> int:
     from .webapp import serve
 
+    if args.store:
+        os.environ["FASHSIM_STORE"] = args.store  # the app's kernels inherit it
     return serve(
         args.collection,
         args.model,
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         "data/models/triplet/model.pt, trained first if missing)",
     )
     serve.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
+    serve.add_argument(
+        "--store",
+        choices=["faiss", "milvus"],
+        help="vector store of --collection (default: $FASHSIM_STORE or faiss); Milvus Lite serves one page at a "
+        "time (it locks its file), a Milvus server (--collection http://HOST:19530#NAME) any number",
+    )
     serve.add_argument(
         "--preheat",
         type=int,

@@ -95,6 +95,10 @@ def resolve(collection: str | os.PathLike | None = None, model: str | os.PathLik
     ``$FASHSIM_MODEL``, else a ``model.pt`` inside the collection folder, else the course defaults."""
     default_collection, default_model = default_paths()
     collection = collection or os.environ.get(ENV_COLLECTION) or default_collection
+    if "://" in str(collection):  # a Milvus server (store "milvus"): a model must be given
+        if not (model or os.environ.get(ENV_MODEL)):
+            raise FashsimError(f"serving {collection} needs --model (there is no folder to find model.pt in)")
+        return str(collection), Path(model or os.environ[ENV_MODEL]).expanduser().resolve()
     collection = Path(collection).expanduser().resolve()
     model = model or os.environ.get(ENV_MODEL)
     if model is None:
@@ -106,7 +110,8 @@ def prepare_default(collection: Path, model: Path, *, train_seconds: float = 120
     """For the course's default paths: train the default model and build the Fashion-MNIST index
     now if they are missing (once, before any page opens). Other paths must exist already."""
     from ..model.persistence import load_model
-    from ..search.collection import Collection, CorruptIndexError, IndexMismatchError
+    from ..search.collection import CorruptIndexError, IndexMismatchError
+    from ..search.stores import open_collection
     from .course import load_or_build_index, load_or_train_default
 
     default_collection, default_model = default_paths()
@@ -120,9 +125,11 @@ def prepare_default(collection: Path, model: Path, *, train_seconds: float = 120
         load_or_build_index(trained, collection)
         return
     try:
-        Collection.load(collection, model=trained)
+        opened = open_collection(collection, model=trained)  # the store: $FASHSIM_STORE (fashsim serve --store)
     except (CorruptIndexError, IndexMismatchError) as exc:
         raise FashsimError(f"cannot serve {collection}: {exc}") from None
+    if hasattr(opened, "close"):
+        opened.close()  # Milvus Lite: release the database for the app's kernels
 
 
 def voila_arguments(
@@ -219,12 +226,12 @@ def open_app(collection: str | os.PathLike | None = None, model: str | os.PathLi
     (see :func:`resolve`), or, when it cannot be opened, a readable message (never a traceback)."""
     from IPython.display import HTML
 
-    from ..search.searcher import Searcher
+    from ..search.stores import open_searcher
     from .demo import SearchApp
 
     try:
         collection, model = resolve(collection, model)
-        searcher = Searcher.from_paths(model, collection, threads=1)
+        searcher = open_searcher(model, collection, threads=1)  # the store: $FASHSIM_STORE
         return SearchApp(searcher, **app_options)
     except (FashsimError, OSError) as exc:
         return HTML(

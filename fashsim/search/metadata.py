@@ -161,15 +161,8 @@ class MetadataStore:
                     if 0 < distinct <= max_distinct and not nested
                 }
             except sqlite3.OperationalError:  # an SQLite without JSON functions: read the records
-                values: dict[str, set] = {}
-                nested: set[str] = set()
-                for (extra,) in self.conn.execute("SELECT DISTINCT extra FROM items"):
-                    for key, value in json.loads(extra).items():
-                        if isinstance(value, (list, dict)):
-                            nested.add(key)
-                        elif value is not None:
-                            values.setdefault(key, set()).add(value)
-                chosen = {k: list(v) for k, v in values.items() if k not in nested and len(v) <= max_distinct}
+                extras = (json.loads(extra) for (extra,) in self.conn.execute("SELECT DISTINCT extra FROM items"))
+                return few_valued_fields(extras, max_distinct)
         return {key: sorted(vals, key=lambda v: (str(type(v)), v)) for key, vals in chosen.items() if vals}
 
     # ------------------------------------------------------------ history
@@ -212,3 +205,18 @@ class MetadataStore:
         finally:
             source.close()
         return db
+
+
+def few_valued_fields(extras: Iterable[Mapping], max_distinct: int) -> dict[str, list]:
+    """Of the ``extra`` fields of some records, those with at most ``max_distinct`` distinct scalar
+    values, each with its sorted values (fields holding lists or objects are left out)."""
+    values: dict[str, set] = {}
+    nested: set[str] = set()
+    for extra in extras:
+        for key, value in extra.items():
+            if isinstance(value, (list, dict)):
+                nested.add(key)
+            elif value is not None:
+                values.setdefault(key, set()).add(value)
+    chosen = {k: v for k, v in values.items() if k not in nested and 0 < len(v) <= max_distinct}
+    return {k: sorted(v, key=lambda x: (str(type(x)), x)) for k, v in sorted(chosen.items())}

@@ -55,7 +55,7 @@ from ..errors import FashsimError
 from .collection import CorruptIndexError, Hit, IndexMismatchError
 from .filters import CORE_FIELDS, milvus_literal, to_milvus_expression
 from .index import VectorIndexError
-from .metadata import MetadataError
+from .metadata import MetadataError, few_valued_fields
 
 FORMAT_VERSION = 1
 DEFAULT_COLLECTION = "fashsim"
@@ -286,6 +286,11 @@ class MilvusMetadata:
             counts = Counter(r["category"] for r in owner._scan("", ["category"]))
             owner._categories = dict(sorted(counts.items()))
         return dict(owner._categories)
+
+    def field_values(self, max_distinct: int = 12) -> dict[str, list]:
+        """The further (``extra``) fields with at most ``max_distinct`` distinct scalar values, as
+        :meth:`fashsim.search.metadata.MetadataStore.field_values` (reads every record)."""
+        return few_valued_fields((r.get("extra") or {} for r in self._owner._scan("", ["extra"])), max_distinct)
 
     def log_search(self, k: int, category: str | None, result_ids) -> None:
         self._history.append(
