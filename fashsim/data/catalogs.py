@@ -226,7 +226,7 @@ def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str = "l
     The partition file holds a count line, a header line (``image_name item_id evaluation_status``)
     and one line per image. The category is the path's ``<gender>/<type>`` (e.g. ``WOMEN/Dresses``);
     ``extra`` holds ``item_id`` (the retrieval identity: use :meth:`FileCatalog.group_ids`) and
-    ``split`` (train / query / gallery, see :func:`fashsim.splits.inshop_split`).
+    ``split`` (train / query / gallery, see :func:`fashsim.data.splits.inshop_split`).
     """
     root = Path(root)
     partition = root / partition_file

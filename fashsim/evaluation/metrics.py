@@ -78,7 +78,7 @@ def retrieval_metrics(
 
     Without ``query_embeddings`` every item queries all the others (leave-one-out).
     ``rerank(query_rows, candidates)``, if given, reorders the first ``rerank_depth`` gallery ids
-    of each ranking (``query_rows``: the queries' positions; see :mod:`fashsim.reranking`).
+    of each ranking (``query_rows``: the queries' positions; see :mod:`fashsim.search.reranking`).
     """
     labels = np.asarray(labels)
     leave_one_out = query_embeddings is None

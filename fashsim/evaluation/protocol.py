@@ -1,6 +1,6 @@
 """The evaluation protocol: every embedding — trained model or baseline — measured the same way.
 
-* :func:`evaluate_embeddings` — all metrics of :mod:`fashsim.metrics` for one set of embeddings
+* :func:`evaluate_embeddings` — all metrics of :mod:`fashsim.evaluation.metrics` for one set of embeddings
   (leave-one-out over the evaluation set).
 * :func:`worst_confusions` — the category pairs the kNN vote mixes up most.
 """

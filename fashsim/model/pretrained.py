@@ -112,7 +112,7 @@ def map_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> dict[s
     """``source``'s tensors renamed to ``target``'s parameter/buffer names, paired by position.
 
     Every shape must agree, except a greyscale first convolution (1 input channel) which gets
-    the sum of the RGB filters — the same rule as :func:`fashsim.models.build_backbone`.
+    the sum of the RGB filters — the same rule as :func:`fashsim.model.networks.build_backbone`.
     """
     wanted = target.state_dict()
     if len(source) != len(wanted):

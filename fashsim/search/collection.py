@@ -1,5 +1,5 @@
-"""A searchable collection: FAISS vectors (:mod:`fashsim.index`) + SQLite metadata
-(:mod:`fashsim.catalog_db`), kept consistent, filtered by category or any metadata predicate, and
+"""A searchable collection: FAISS vectors (:mod:`fashsim.search.index`) + SQLite metadata
+(:mod:`fashsim.search.metadata`), kept consistent, filtered by category or any metadata predicate, and
 saved to / loaded from one directory safely.
 
 On disk::

@@ -1,10 +1,10 @@
 """The search engine facade: image in, ranked similar catalog items out.
 
-:class:`Searcher` ties a trained model, its input transform and a :class:`~fashsim.collection.Collection`
+:class:`Searcher` ties a trained model, its input transform and a :class:`~fashsim.search.collection.Collection`
 together: ``search(image, k=10, category=None)`` accepts a path, bytes, file object, PIL image or
-array, decodes it safely (:func:`fashsim.images.load_image`), turns it into what the model saw
-in training (:func:`fashsim.images.prepare_image`), embeds it and returns ranked
-:class:`~fashsim.collection.Hit` objects (id, score, category, source).
+array, decodes it safely (:func:`fashsim.data.uploads.load_image`), turns it into what the model saw
+in training (:func:`fashsim.data.transforms.prepare_image`), embeds it and returns ranked
+:class:`~fashsim.search.collection.Hit` objects (id, score, category, source).
 
 Catalog items are identified by a ``source`` string: an image path, or ``fashion-mnist:<split>:<n>``
 for dataset images; :func:`load_source_image` turns either back into pixels (thumbnails).
