@@ -106,20 +106,7 @@ def test_kaggle_layout_builds_a_searchable_collection_with_every_column(kaggle_b
     assert searcher.spec.channels == 3 and not searcher.spec.dark_background
     hit = searcher.search(build.records[0]["source"], k=3)[0]
     assert hit.id == build.records[0]["id"] == 10000 and hit.score > 0.99
-    for column in (
-        "gender",
-        "masterCategory",
-        "subCategory",
-        "articleType",
-        "baseColour",
-        "season",
-        "year",
-        "usage",
-        "productDisplayName",
-        "pattern",
-        "price",
-        "style",
-    ):
+    for column in (*colour_shop.COLUMNS[1:], "style"):  # every styles.csv column but the id, and the label
         assert column in hit.extra
     assert isinstance(hit.extra["price"], float) and isinstance(hit.extra["year"], int)
     assert build.summary["train"]["step"] > 0
