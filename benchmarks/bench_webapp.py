@@ -43,14 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
+from fashsim.app import webapp
+
 K = 10
 
 CLICK_AND_WAIT = """async ([selector, n, k]) => {
@@ -214,7 +208,7 @@ async def run_sessions(n: int, url: str, photo: Path, clicks: int) -> list[dict]
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await playwright.chromium.launch(executable_path=str(webapp.CHROMIUM), args=webapp.CHROMIUM_ARGS)
         try:
             results = await asyncio.gather(*(visitor(browser, url, photo, clicks) for _ in range(n)))
             for result in results:
@@ -242,14 +236,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="its model")
     parser.add_argument("--output", default=str(reports_dir() / "benchmarks" / "webapp.json"))
     args = parser.parse_args(argv)
-    if not Path(CHROMIUM).is_file():
-        print(f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)", file=sys.stderr)
+    if not webapp.CHROMIUM.is_file():
+        print(f"needs Debian's chromium at {webapp.CHROMIUM} (apt-get install chromium)", file=sys.stderr)
         return 1
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from image_fixtures import encode, product_photo
-
-    from fashsim.app import webapp
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_webapp_"))
     collection, model = webapp.resolve(args.collection, args.model)

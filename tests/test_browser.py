@@ -32,14 +32,7 @@ from PIL import Image
 
 from fashsim.app import webapp
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
+CHROMIUM, CHROMIUM_ARGS = webapp.CHROMIUM, webapp.CHROMIUM_ARGS
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "reports" / "screenshots"
 COLOURS = ("red", "blue", "green")

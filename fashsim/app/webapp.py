@@ -47,6 +47,17 @@ WEBSOCKET_MAX_MESSAGE_BYTES = 64 * 2**20
 CULL_IDLE_TIMEOUT = 60
 CULL_INTERVAL = 15
 
+#: Debian's Chromium and the flags that keep it headless and off the network: how the browser tests
+#: and the web-app benchmark open the page (Playwright cannot download a browser of its own here).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
 
 @functools.cache
 def _kernel_manager_class():
