@@ -12,7 +12,8 @@ For N = 1, 3 and 8 visitors at once (one headless Chromium, a browser context pe
   visitors come, at the peak while they search, per kernel, and how long after the pages close the
   memory is back at rest (kernels of closed pages are culled after the cull timeout).
 
-The server runs as ``python -m fashsim serve`` runs it (one preheated kernel), with a shorter
+The server runs as ``python -m fashsim serve`` runs it (a pool of ``webapp.PRELOADED_KERNELS``
+preheated kernels, refilled ``webapp.POOL_REFILL_DELAY`` s after pages take them), with a shorter
 cull timeout (``--cull-idle-timeout``, default 30 s) so the run ends sooner. The collection is
 the course's default one (data/models/triplet/model.pt + data/index/fashion-mnist) when both
 exist; else a stand-in with the same sizes, built once in data/bench/webapp-stand-in: the
@@ -33,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -171,6 +173,44 @@ class MemorySampler:
         self._thread.join()
 
 
+def kernel_ids(server_pid: int) -> set[str]:
+    """The ids of the server's running kernels (from their connection files' names)."""
+    ids = set()
+    for p in kernels(server_pid):
+        try:
+            ids.update(re.findall(r"kernel-([0-9a-f-]+)\.json", " ".join(p.cmdline())))
+        except Exception:  # noqa: BLE001 - a process that just ended
+            pass
+    return ids
+
+
+def taken_from_pool(log: Path, since: int) -> set[str]:
+    """The kernels Voilà gave to pages (its log after byte ``since``): the visitors' kernels."""
+    return set(re.findall(r"Using pre-heated kernel: ([0-9a-f-]+)", log.read_bytes()[since:].decode(errors="replace")))
+
+
+def at_rest(server_pid: int, pool: int, visitors: set = frozenset()) -> bool:
+    """The server is at rest: no visitor's kernel is left, the pool is full again, and nothing is
+    busy starting (the whole process tree used under 10 % of one core over a second)."""
+    alive = kernel_ids(server_pid)
+    if len(alive) != pool or alive & visitors:
+        return False
+    procs = processes(server_pid)
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except Exception:  # noqa: BLE001 - a process that just ended
+            pass
+    time.sleep(1.0)
+    busy = 0.0
+    for p in procs:
+        try:
+            busy += p.cpu_percent(None)
+        except Exception:  # noqa: BLE001
+            pass
+    return busy < 10.0
+
+
 def wait_for(condition, timeout: float, step: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -229,7 +269,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 3, 8])
     parser.add_argument("--clicks", type=int, default=10, help="timed clicks per visitor (default 10)")
-    parser.add_argument("--preheat", type=int, default=1, help="kernels kept ready (default 1, as `serve`)")
+    parser.add_argument(
+        "--preheat",
+        type=int,
+        default=webapp.PRELOADED_KERNELS,
+        help=f"kernels kept ready (default {webapp.PRELOADED_KERNELS}, as `serve`)",
+    )
     parser.add_argument("--cull-idle-timeout", type=int, default=30)
     parser.add_argument("--cull-interval", type=int, default=5)
     parser.add_argument("--collection", help="a saved collection (default: the course's, else a stand-in)")
@@ -276,13 +321,15 @@ def main(argv=None) -> int:
     )
     url = f"http://127.0.0.1:{port}/"
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, shared with other work during the run",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "collection": str(collection),
         "items": None,
         "stand_in_model": stand_in,
         "server": {
             "preheated_kernels": args.preheat,
+            "pool_refill_delay_s": webapp.POOL_REFILL_DELAY,
             "cull_idle_timeout_s": args.cull_idle_timeout,
             "cull_interval_s": args.cull_interval,
             "websocket_max_message_bytes": webapp.WEBSOCKET_MAX_MESSAGE_BYTES,
@@ -294,21 +341,26 @@ def main(argv=None) -> int:
     try:
         if not wait_for(lambda: b"is filled with" in (workdir / "voila.log").read_bytes(), 300):
             raise RuntimeError("the preheated kernel never became ready")
-        time.sleep(3)
+        settle = args.cull_idle_timeout + 3 * args.cull_interval + 60
+        if not wait_for(lambda: at_rest(server.pid, args.preheat), settle):
+            raise RuntimeError("the server never came to rest after starting its kernels")
         rest = memory(server.pid)
         report["at_rest"] = rest
         print(f"at rest: {rest['rss_mib']:.0f} MiB RSS, {rest['pss_mib']:.0f} MiB PSS, {rest['kernels']} kernel(s)")
         for n in args.sessions:
+            # each run starts from a server at rest: its pool full, no kernel left from the run before
+            wait_for(lambda: at_rest(server.pid, args.preheat), settle)
             before = memory(server.pid)
+            log_offset = (workdir / "voila.log").stat().st_size
             with MemorySampler(server.pid) as sampler:
                 sessions = asyncio.run(run_sessions(n, url, photo, args.clicks))
             closed = time.monotonic()
+            visitors = taken_from_pool(workdir / "voila.log", log_offset)
             back = wait_for(
-                lambda b=before: (
-                    len(kernels(server.pid)) <= b["kernels"]
-                    and memory(server.pid)["rss_mib"] <= b["rss_mib"] * 1.10 + 50
+                lambda b=before, v=visitors: (
+                    at_rest(server.pid, args.preheat, v) and memory(server.pid)["rss_mib"] <= b["rss_mib"] * 1.10 + 50
                 ),
-                args.cull_idle_timeout + 3 * args.cull_interval + 60,
+                settle,
             )
             after = memory(server.pid)
             clicks = [t for s in sessions for t in s["click_s"]]

@@ -264,7 +264,7 @@ def test_page_template_and_servers_agree_with_the_upload_limit():
 def test_voila_arguments():
     from fashsim.app import webapp
 
-    args = webapp.voila_arguments(port=9999, preheat=2, cull_idle_timeout=40, cull_interval=7)
+    args = webapp.voila_arguments(port=9999, preheat=2, refill_delay=2.5, cull_idle_timeout=40, cull_interval=7)
     assert args[0] == str(webapp.APP_NOTEBOOK) and webapp.APP_NOTEBOOK.is_file()
     for expected in (
         "--port=9999",
@@ -276,11 +276,15 @@ def test_voila_arguments():
         "--MappingKernelManager.cull_connected=False",
         "--VoilaConfiguration.preheat_kernel=True",
         "--VoilaConfiguration.default_pool_size=2",
+        "--VoilaKernelManager.fill_delay=2.5",
         "--VoilaConfiguration.multi_kernel_manager_class=fashsim.app.webapp.AppKernelManager",
         f"--Voila.tornado_settings={{'websocket_max_message_size': {webapp.WEBSOCKET_MAX_MESSAGE_BYTES}}}",
     ):
         assert expected in args
     assert not any("preheat" in a for a in webapp.voila_arguments(preheat=0))
+    defaults = webapp.voila_arguments()  # what `fashsim serve` runs: a pool for a burst of visitors
+    assert f"--VoilaConfiguration.default_pool_size={webapp.PRELOADED_KERNELS}" in defaults
+    assert f"--VoilaKernelManager.fill_delay={webapp.POOL_REFILL_DELAY:g}" in defaults
     env = webapp.voila_environment(Path("/c"), Path("/m.pt"), base={"JUPYTER_PATH": "/x"})
     assert env[webapp.ENV_COLLECTION] == "/c" and env[webapp.ENV_MODEL] == "/m.pt"
     assert env["JUPYTER_PATH"].split(os.pathsep) == [str(webapp.JUPYTER_DATA), "/x"]
@@ -352,6 +356,8 @@ def test_cli_serve_arguments(monkeypatch):
     assert cli.main(["serve", "--collection", "shop", "--model", "m.pt", "--port", "9000", "--preheat", "0"]) == 0
     assert seen["args"] == ("shop", "m.pt")
     assert seen["kwargs"] == {"port": 9000, "preheat": 0, "cull_idle_timeout": 60, "open_browser": False}
+    assert cli.main(["serve"]) == 0
+    assert seen["kwargs"]["preheat"] == webapp.PRELOADED_KERNELS  # the default pool
 
 
 def test_open_app_serves_a_saved_collection(small_searcher, tmp_path, monkeypatch):

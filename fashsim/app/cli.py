@@ -13,6 +13,7 @@ import sys
 from ..errors import FashsimError
 from ..model.sharded_embedding import add_embed_shards_parser
 from ..train.config import add_arguments as add_training_arguments
+from . import webapp
 from .shop import add_shop_parser
 
 
@@ -232,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--preheat",
         type=int,
-        default=1,
+        default=webapp.PRELOADED_KERNELS,
         metavar="N",
-        help="kernels kept ready with the app loaded, so a page opens at once (default 1; 0: none)",
+        help=f"kernels kept ready with the app loaded, so N visitors arriving together get their page at once "
+        f"(default {webapp.PRELOADED_KERNELS}; about 600 MiB each; 0: none)",
     )
     serve.add_argument(
         "--cull-idle-timeout",

@@ -46,6 +46,13 @@ WEBSOCKET_MAX_MESSAGE_BYTES = 64 * 2**20
 #: the server looks for such kernels.
 CULL_IDLE_TIMEOUT = 60
 CULL_INTERVAL = 15
+#: kernels kept ready with the app already run in them (Voilà's preheated pool): that many
+#: visitors arriving together get their page at once. Each costs a kernel's memory (README).
+PRELOADED_KERNELS = 3
+#: seconds Voilà waits, after pages took kernels from the pool, before it starts new ones: a kernel
+#: start imports PyTorch (about 2 s of CPU), and on a small machine the pages that just took their
+#: kernels render first instead of sharing the cores with the refill.
+POOL_REFILL_DELAY = 4.0
 
 #: Debian's Chromium and the flags that keep it headless and off the network: how the browser tests
 #: and the web-app benchmark open the page (Playwright cannot download a browser of its own here).
@@ -148,11 +155,13 @@ def voila_arguments(
     port: int = DEFAULT_PORT,
     cull_idle_timeout: int = CULL_IDLE_TIMEOUT,
     cull_interval: int = CULL_INTERVAL,
-    preheat: int = 1,
+    preheat: int = PRELOADED_KERNELS,
+    refill_delay: float = POOL_REFILL_DELAY,
     open_browser: bool = False,
 ) -> list[str]:
     """Voilà's command line for the app (after ``python -m voila``). ``preheat``: keep that many
-    kernels started with the app already shown, so a page opens without waiting for one."""
+    kernels started with the app already shown, so a page opens without waiting for one; the pool
+    is refilled ``refill_delay`` seconds after pages took kernels from it."""
     args = [
         str(APP_NOTEBOOK),
         f"--port={port}",
@@ -172,7 +181,11 @@ def voila_arguments(
         f"--VoilaConfiguration.multi_kernel_manager_class={__name__}.AppKernelManager",
     ]
     if preheat > 0:
-        args += ["--VoilaConfiguration.preheat_kernel=True", f"--VoilaConfiguration.default_pool_size={preheat}"]
+        args += [
+            "--VoilaConfiguration.preheat_kernel=True",
+            f"--VoilaConfiguration.default_pool_size={preheat}",
+            f"--VoilaKernelManager.fill_delay={refill_delay:g}",
+        ]
     return args
 
 
