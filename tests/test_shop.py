@@ -17,6 +17,7 @@ from fashsim.data import catalogs, colour_shop
 from fashsim.errors import FashsimError
 from fashsim.evaluation import shop as shop_eval
 from fashsim.search.collection import IndexMismatchError
+from fashsim.search.filters import FilterError, parse_conditions
 from fashsim.search.searcher import Searcher
 
 SMALL = {"size": 240, "image_size": 64, "colours": ["Red", "Navy Blue", "Yellow"], "patterns": ["Solid", "Striped"]}
@@ -134,14 +135,16 @@ def test_rgb_query_keeps_its_colour_and_finds_that_colour_first(kaggle_build, fm
 def test_metadata_filters_on_any_column(kaggle_build):
     searcher = kaggle_build.searcher()
     query = kaggle_build.records[5]["source"]
-    cheap_red = shop.where_predicate(["baseColour=red", "price<50"])
+    cheap_red = parse_conditions(["baseColour=Red", "price<50"])  # what `fashsim shop search --where` passes
+    assert cheap_red == {"baseColour": [("==", "Red")], "price": [("<", 50)]}
     hits = searcher.search(query, k=10, where=cheap_red)
     assert hits and all(h.extra["baseColour"] == "Red" and h.extra["price"] < 50 for h in hits)
-    striped_bags = searcher.search(query, k=50, category="Handbags", where=shop.where_predicate("pattern!=Solid"))
+    striped_bags = searcher.search(query, k=50, category="Handbags", where=parse_conditions("pattern!=Solid"))
     assert striped_bags and all(h.category == "Handbags" and h.extra["pattern"] == "Striped" for h in striped_bags)
-    assert searcher.search(query, k=5, where=shop.where_predicate("price>100000")) == []
-    with pytest.raises(ValueError, match="needs a number"):
-        shop.where_predicate("price<cheap")
+    assert searcher.search(query, k=5, where=parse_conditions("price>100000")) == []
+    for bad in ("price<cheap", "no operator", "bad name=1"):
+        with pytest.raises(FilterError):
+            parse_conditions(bad)
 
 
 def test_a_collection_refuses_another_model(kaggle_build):

@@ -503,51 +503,6 @@ def build_shop_collection(
     )
 
 
-# ------------------------------------------------------------------ filters
-_CONDITION = re.compile(r"^\s*([^<>=!]+?)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
-
-
-def where_predicate(conditions: Sequence[str] | str | None) -> Callable[[dict], bool] | None:
-    """A record filter from conditions such as ``"baseColour=Red"``, ``"price<50"``,
-    ``"pattern!=Solid"`` (all must hold; ``=`` compares text case-insensitively, ``<``/``>``
-    compare numbers). None for no conditions."""
-    if not conditions:
-        return None
-    if isinstance(conditions, str):
-        conditions = [conditions]
-    parsed = []
-    for text in conditions:
-        match = _CONDITION.match(text)
-        if not match:
-            raise ValueError(f"cannot read the filter {text!r}: write COLUMN=VALUE, COLUMN!=VALUE or COLUMN<NUMBER")
-        column, op, value = match.groups()
-        if op in ("<", "<=", ">", ">="):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"filter {text!r}: {op} needs a number") from None
-        parsed.append((column, op, value))
-
-    def predicate(record: dict) -> bool:
-        for column, op, value in parsed:
-            have = record.get(column)
-            if op in ("=", "=="):
-                ok = have is not None and str(have).casefold() == str(value).casefold()
-            elif op == "!=":
-                ok = have is None or str(have).casefold() != str(value).casefold()
-            else:
-                try:
-                    number = float(have)
-                except (TypeError, ValueError):
-                    return False
-                ok = {"<": number < value, "<=": number <= value, ">": number > value, ">=": number >= value}[op]
-            if not ok:
-                return False
-        return True
-
-    return predicate
-
-
 def open_shop(out_dir: str | os.PathLike, **kwargs):
     """The :class:`~fashsim.search.searcher.Searcher` of a shop built into ``out_dir``."""
     from ..search.searcher import Searcher
@@ -606,8 +561,10 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_search(args) -> int:
+    from ..search.filters import parse_conditions
+
     searcher = open_shop(args.shop, threads=1)
-    hits = searcher.search(args.image, k=args.k, category=args.category, where=where_predicate(args.where))
+    hits = searcher.search(args.image, k=args.k, category=args.category, where=parse_conditions(args.where))
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import FashsimError
 from ..fileio import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
+from .filters import to_predicate
 from .index import VectorIndex, choose_kind
 from .metadata import MetadataStore
 
@@ -133,16 +134,16 @@ class Collection:
         k: int = 10,
         *,
         category: str | None = None,
-        where: Callable[[dict], bool] | None = None,
+        where: Mapping | Callable[[dict], bool] | None = None,
         log: bool = False,
     ) -> list[list[Hit]]:
-        """Top-``k`` hits per query, optionally only of ``category`` and/or records for which
-        ``where(record)`` is true."""
+        """Top-``k`` hits per query, optionally only of ``category`` and/or records matching
+        ``where``: a dict of conditions (:mod:`fashsim.search.filters`) or ``where(record) -> bool``."""
         allowed = None
         if category is not None:
             allowed = self.metadata.ids(category)
         if where is not None:
-            matching = self.metadata.ids_where(where)
+            matching = self.metadata.ids_where(to_predicate(where))
             allowed = matching if allowed is None else np.intersect1d(allowed, matching)
         scores, ids = self.index.search(queries, k, allowed_ids=allowed)
         results = []

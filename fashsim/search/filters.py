@@ -93,6 +93,58 @@ def _check_scalar(field: str, value) -> None:
     raise FilterError(f"filter on {field!r}: values must be strings, numbers or booleans, got {value!r}")
 
 
+# ---------------------------------------------------------------- the command line's form
+_CONDITION_TEXT = re.compile(r"^\s*([^<>=!]+?)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
+
+
+def _typed(text: str):
+    """A condition's value as the catalog stores it: an integer, a number, else the text."""
+    for parse in (int, float):
+        try:
+            value = parse(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return text
+
+
+def parse_conditions(texts) -> dict | None:
+    """The dict form from conditions written as text, e.g. ``["baseColour=Red", "price<50",
+    "pattern!=Solid"]`` (the ``--where`` of the command line): ``=``/``==``, ``!=``, ``<``,
+    ``<=``, ``>``, ``>=``; values that read as numbers are numbers, comparisons are exact
+    ("Red" is not "red"). None for no conditions; :class:`FilterError` for text it cannot read."""
+    if not texts:
+        return None
+    if isinstance(texts, str):
+        texts = [texts]
+    where: dict[str, list] = {}
+    for text in texts:
+        match = _CONDITION_TEXT.match(text)
+        if not match:
+            raise FilterError(f"cannot read the filter {text!r}: write COLUMN=VALUE, COLUMN!=VALUE or COLUMN<NUMBER")
+        field, op, value = match.groups()
+        value = _typed(value)
+        if op in ("<", "<=", ">", ">=") and isinstance(value, str):
+            raise FilterError(f"filter {text!r}: {op} needs a number")
+        where.setdefault(field, []).append(("==" if op == "=" else op, value))
+    conditions(where)  # field names and values checked now, not at the first search
+    return where
+
+
+def describe(where) -> str:
+    """A dict filter as one line of text, e.g. ``baseColour == Red & price < 50`` (``no filter``
+    for None or an empty dict): for titles and logs."""
+    if not where:
+        return "no filter"
+    if not isinstance(where, Mapping):
+        return str(where)
+    return " & ".join(
+        f"{field} {op} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+        for field, op, value in conditions(where)
+    )
+
+
 # ---------------------------------------------------------------- Python (FAISS collection)
 def _holds(record: Mapping, field: str, op: str, value) -> bool:
     if field not in record or record[field] is None:

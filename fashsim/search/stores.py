@@ -22,14 +22,13 @@ that adds it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import FashsimError
 from .collection import Collection, Hit
-from .filters import to_predicate
 
 STORES = ("faiss", "milvus")
 STORE_ENV = "FASHSIM_STORE"
@@ -64,8 +63,8 @@ class VectorStore(Protocol):
 
 
 class FaissCollection(Collection):
-    """:class:`Collection` (FAISS + SQLite) with ``upsert`` and dict ``where`` filters, so that it
-    offers the same interface as the Milvus collection."""
+    """:class:`Collection` (FAISS + SQLite) with ``upsert``, so that it offers the same interface
+    as the Milvus collection."""
 
     def upsert(self, embeddings: np.ndarray, records: Sequence[Mapping]) -> None:
         """Add items, replacing the vector and record of ids that are already present (the old
@@ -84,18 +83,6 @@ class FaissCollection(Collection):
             if len(present):
                 self.add(old_vectors, old_records)
             raise
-
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int = 10,
-        *,
-        category: str | None = None,
-        where: Mapping | Callable[[dict], bool] | None = None,
-        log: bool = False,
-    ) -> list[list[Hit]]:
-        """``Collection.search`` that also takes a dict ``where`` (:mod:`fashsim.search.filters`)."""
-        return super().search(queries, k, category=category, where=to_predicate(where), log=log)
 
 
 def default_store() -> str:
