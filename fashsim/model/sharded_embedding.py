@@ -37,15 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from ..data.catalogs import CatalogImages, FileCatalog, collate_catalog_batch
 from ..data.datasets import ImageArrayDataset
 from ..errors import FashsimError
 from ..fileio import atomic_write_bytes, sha256_file
-from .inference import embed_arrays
-from .persistence import fingerprint
 
 FORMAT = 1
 
@@ -61,6 +57,14 @@ class ShardReport:
     embedded: list[int] = field(default_factory=list)
     reused: list[int] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def _dist():
+    """``torch.distributed``, imported when first needed (the command line imports this module
+    to list its flags; PyTorch loads only when something is embedded)."""
+    import torch.distributed
+
+    return torch.distributed
 
 
 def shard_name(shard: int) -> str:
@@ -105,6 +109,8 @@ def _batches(
     source: Source, start: int, stop: int, model, batch_size: int, num_workers: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:
     """``(ids, uint8 images, unreadable {id: message})`` of the shard, ``batch_size`` at a time."""
+    import torch
+
     images = _images(source)
     if images is not None:
         for first in range(start, stop, batch_size):
@@ -160,6 +166,8 @@ def _expected(
 def _embed_one(
     model, source: Source, shard_dir: Path, expected: dict, *, batch_size: int, num_workers: int, device
 ) -> None:
+    from .inference import embed_arrays
+
     began = time.perf_counter()
     ids, vectors, unreadable = [], [], {}
     for batch_ids, images, errors in _batches(
@@ -184,7 +192,7 @@ def _embed_one(
         "unreadable": {str(i): message for i, message in sorted(unreadable.items())},
         "vectors_sha256": sha256_file(path),
         "seconds": round(time.perf_counter() - began, 3),
-        "rank": dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0")),
+        "rank": _dist().get_rank() if _dist().is_initialized() else int(os.environ.get("RANK", "0")),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_bytes(shard_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())  # last: "finished"
@@ -193,6 +201,7 @@ def _embed_one(
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
+    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -215,6 +224,9 @@ def embed_shards(
     (see the module docstring). ``rank``/``world_size`` default to the process group's, else
     torchrun's variables, else a single process. Every rank returns once all ranks are done
     when a process group is up (a barrier), else once its own shards are."""
+    from .persistence import fingerprint
+
+    dist = _dist()
     began = time.perf_counter()
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -403,10 +415,12 @@ def _fashion_mnist(splits: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
 
 def main_embed_shards(args) -> int:
     """``fashsim embed-shards``: embed this process's shards; rank 0 then merges and saves the collection."""
+    import torch
+
     from ..data.catalogs import open_catalog
     from ..paths import data_dir, default_model_path
     from ..train.distributed import init_process_group, launched_by_torchrun, local_rank, local_world_size
-    from .persistence import load_model
+    from .persistence import fingerprint, load_model
 
     if launched_by_torchrun():
         init_process_group("cpu")  # gloo: the shards only need a barrier
@@ -433,7 +447,7 @@ def main_embed_shards(args) -> int:
         device=device,
         progress=True,
     )
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _dist().get_rank() if _dist().is_initialized() else 0
     print(
         f"rank {rank}: embedded {len(report.embedded)} shards, kept {len(report.reused)} finished ones "
         f"({report.seconds:.1f} s)",
