@@ -21,12 +21,6 @@ def _thumbnail(source, size: int = 96) -> np.ndarray:
     return np.asarray(image)
 
 
-def _frame(ax, colour: str, width: float = 3.0) -> None:
-    for spine in ax.spines.values():
-        spine.set_edgecolor(colour)
-        spine.set_linewidth(width)
-
-
 def _clean(ax) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -69,36 +63,32 @@ def colour_results(
     """One row per query: the query photo, then its hits (rank, score, style), framed green when
     the hit has the query's style, orange when only its colour, red otherwise (frames need
     ``query_records`` with the query's style and colour)."""
-    k = max((len(r) for r in results), default=0)
-    fig, axes = plt.subplots(len(queries), k + 1, figsize=((k + 1) * 1.25, len(queries) * 1.85), squeeze=False)
-    for row, (query, hits) in enumerate(zip(queries, results)):
+    from .viz import retrieval_grid
+
+    def style_of(hit) -> str:
+        return str(hit.extra.get(style_key, hit.category))
+
+    def frame(row, hit):
         info = query_records[row] if query_records is not None else None
-        axes[row, 0].imshow(_thumbnail(query))
-        label = f"\n{info.get(style_key, '')}" if info else ""
-        axes[row, 0].set_title("query" + label.replace(" / ", "\n", 1), fontsize=6)
-        _clean(axes[row, 0])
-        _frame(axes[row, 0], "black", 1.5)
-        for col in range(1, k + 1):
-            ax = axes[row, col]
-            if col > len(hits):
-                ax.axis("off")
-                continue
-            hit = hits[col - 1]
-            ax.imshow(_thumbnail(hit.source))
-            style = str(hit.extra.get(style_key, hit.category))
-            ax.set_title(f"#{hit.rank} {hit.score:.2f}\n{style.replace(' / ', chr(10), 1)}", fontsize=5.5)
-            _clean(ax)
-            if info:
-                if style == info.get(style_key):
-                    _frame(ax, MATCH_COLOURS["style"])
-                elif colour_column in info and hit.extra.get(colour_column) == info[colour_column]:
-                    _frame(ax, MATCH_COLOURS["colour"])
-                else:
-                    _frame(ax, MATCH_COLOURS["none"])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+        if not info:
+            return None
+        if style_of(hit) == info.get(style_key):
+            return MATCH_COLOURS["style"]
+        if colour_column in info and hit.extra.get(colour_column) == info[colour_column]:
+            return MATCH_COLOURS["colour"]
+        return MATCH_COLOURS["none"]
+
+    return retrieval_grid(
+        [_thumbnail(q) for q in queries],
+        results,
+        lambda hit: _thumbnail(hit.source),
+        query_labels=(
+            [str(r.get(style_key, "")).replace(" / ", "\n", 1) for r in query_records] if query_records else None
+        ),
+        title=title,
+        caption=lambda hit: f"#{hit.rank} {hit.score:.2f}\n{style_of(hit).replace(' / ', chr(10), 1)}",
+        frame=frame,
+    )
 
 
 def baselines_chart(

@@ -179,12 +179,16 @@ def retrieval_grid(
     *,
     query_labels: Sequence[str] | None = None,
     title: str | None = None,
+    caption=None,
+    frame=None,
 ):
     """One row per query: the query image, then its hits with rank, score and category; hits of
     the query's category (when ``query_labels`` is given) framed green, others red.
 
     ``results[i]`` is a list of :class:`fashsim.search.collection.Hit`; ``images_of(hit)`` returns its
     pixels (default: the picture its ``source`` names, :func:`fashsim.data.sources.load_source_image`).
+    ``caption(hit)`` and ``frame(row, hit) -> colour or None`` replace the default caption and
+    frames (e.g. a colour catalog frames by style and colour).
     """
     if images_of is None:
         from ..data.sources import load_source_image
@@ -192,11 +196,21 @@ def retrieval_grid(
         def images_of(hit):
             return load_source_image(hit.source)
 
+    if caption is None:
+
+        def caption(hit):
+            return f"#{hit.rank} {hit.score:.3f}\n{hit.category}"
+
+    if frame is None and query_labels is not None:
+
+        def frame(row, hit):
+            return "tab:green" if hit.category == query_labels[row] else "tab:red"
+
     k = max((len(r) for r in results), default=0)
-    fig, axes = plt.subplots(len(queries), k + 1, figsize=((k + 1) * 1.15, len(queries) * 1.45), squeeze=False)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=((k + 1) * 1.2, len(queries) * 1.6), squeeze=False)
     for row, (query, hits) in enumerate(zip(queries, results)):
         _show(axes[row, 0], query)
-        axes[row, 0].set_title("query" + (f"\n{query_labels[row]}" if query_labels else ""), fontsize=7)
+        axes[row, 0].set_title("query" + (f"\n{query_labels[row]}" if query_labels else ""), fontsize=6.5)
         for col in range(1, k + 1):
             ax = axes[row, col]
             if col > len(hits):
@@ -204,14 +218,14 @@ def retrieval_grid(
                 continue
             hit = hits[col - 1]
             _show(ax, images_of(hit))
-            ax.set_title(f"#{hit.rank} {hit.score:.3f}\n{hit.category}", fontsize=6)
-            if query_labels is not None:
-                colour = "tab:green" if hit.category == query_labels[row] else "tab:red"
+            ax.set_title(caption(hit), fontsize=6)
+            colour = frame(row, hit) if frame is not None else None
+            if colour is not None:
                 for spine in ax.spines.values():
                     spine.set_edgecolor(colour)
                     spine.set_linewidth(2.5)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
