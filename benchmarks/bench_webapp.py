@@ -395,11 +395,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        webapp.stop_server(server)
         log.close()
     from fashsim.search.collection import Collection
 

@@ -69,16 +69,6 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90.0) -
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def kernel_processes(server_pid: int) -> list:
     import psutil
 
@@ -183,7 +173,7 @@ def voila(web_home):
         wait_until(lambda: len(kernel_processes(process.pid)) >= 1, 60, "the preheated kernel never started")
         yield {"url": f"http://127.0.0.1:{port}/", "process": process, "log": log.name}
     finally:
-        stop(process)
+        webapp.stop_server(process, timeout=20)
         log.close()
 
 
@@ -522,7 +512,7 @@ def test_jupyterlab_default_settings_two_searches_in_a_row(browser, web_home, up
         assert "ProgrammingError" not in Path(log.name).read_text(errors="replace")
     finally:
         context.close()
-        stop(lab)
+        webapp.stop_server(lab, timeout=20)
         log.close()
 
 

@@ -235,14 +235,21 @@ def serve(
     try:
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        try:
-            return process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        return stop_server(process)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 30.0) -> int:
+    """Stop a server process (Voilà, JupyterLab): SIGTERM, so that it shuts its kernels down, then
+    SIGKILL if it is still running after ``timeout`` seconds. Returns its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
 
 
 def open_app(collection: str | os.PathLike | None = None, model: str | os.PathLike | None = None, **app_options):
