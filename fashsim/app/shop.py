@@ -339,47 +339,43 @@ def build_shop_collection(
     timings["catalog"] = time.perf_counter() - t0
 
     # 1. stream: frozen features, or the small images a CNN trains on (chunked, cached, resumable)
-    from .shop_train import auto_threads
+    from .shop_train import auto_threads, torch_threads
 
     t = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or auto_threads())
-    cache = out / "cache"
-    if not resume:
-        import shutil
+    with torch_threads(threads or auto_threads()):
+        cache = out / "cache"
+        if not resume:
+            import shutil
 
-        shutil.rmtree(cache, ignore_errors=True)
-        (out / "train" / "checkpoint.pt").unlink(missing_ok=True)
-    if recipe.frozen:
-        from ..model.inference import extract_features
-        from ..model.persistence import hash_weights
+            shutil.rmtree(cache, ignore_errors=True)
+            (out / "train" / "checkpoint.pt").unlink(missing_ok=True)
+        if recipe.frozen:
+            from ..model.inference import extract_features
+            from ..model.persistence import hash_weights
 
-        extractor = model.backbone.eval().to(memory_format=torch.channels_last)
-        digest = hashlib.sha256(f"{backbone}|multi_scale={multi_scale}".encode())
-        hash_weights(digest, extractor)
+            extractor = model.backbone.eval().to(memory_format=torch.channels_last)
+            digest = hashlib.sha256(f"{backbone}|multi_scale={multi_scale}".encode())
+            hash_weights(digest, extractor)
+            folder = "features"
+            transform_key = f"features-{digest.hexdigest()[:12]}"
+
+            def transform(images):
+                return extract_features(extractor, images, spec, batch_size=batch_size, progress=False)
+
+        else:
+            folder = transform_key = "images"
+            transform = None  # the images themselves, in the model's input format
         inputs, errors = stream_chunks(
             catalog.paths,
             spec,
-            cache / "features",
-            transform=lambda images: extract_features(extractor, images, spec, batch_size=batch_size, progress=False),
-            transform_key=f"features-{digest.hexdigest()[:12]}",
+            cache / folder,
+            transform=transform,
+            transform_key=transform_key,
             chunk_size=chunk_size,
             workers=workers,
             batch_size=batch_size,
             progress=progress,
         )
-    else:
-        inputs, errors = stream_chunks(
-            catalog.paths,
-            spec,
-            cache / "images",
-            transform_key="images",
-            chunk_size=chunk_size,
-            workers=workers,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    torch.set_num_threads(previous_threads)
     timings["stream"] = time.perf_counter() - t
 
     # 2. unreadable files: reported file by file; left out only on request
@@ -435,14 +431,13 @@ def build_shop_collection(
     # 4. embed, index, save
     t = time.perf_counter()
     model.eval()
-    torch.set_num_threads(threads or auto_threads())
-    if recipe.frozen:
-        with torch.inference_mode():
-            feats = torch.from_numpy(np.ascontiguousarray(kept_inputs, dtype=np.float32))
-            embeddings = torch.nn.functional.normalize(model.head(feats).float(), dim=1).numpy()
-    else:
-        embeddings = embed_arrays(model, kept_inputs, batch_size=512)
-    torch.set_num_threads(previous_threads)
+    with torch_threads(threads or auto_threads()):
+        if recipe.frozen:
+            with torch.inference_mode():
+                feats = torch.from_numpy(np.ascontiguousarray(kept_inputs, dtype=np.float32))
+                embeddings = torch.nn.functional.normalize(model.head(feats).float(), dim=1).numpy()
+        else:
+            embeddings = embed_arrays(model, kept_inputs, batch_size=512)
     timings["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     records = catalog_records(catalog, keep, columns)

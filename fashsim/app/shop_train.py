@@ -19,6 +19,7 @@ remaining budget), and a finished one is not trained again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -78,6 +79,18 @@ def auto_threads() -> int:
     return 1 if busy else cores
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with ``count`` torch CPU threads; the previous number is restored after it,
+    also when it fails."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _data_key(inputs: np.ndarray, style: np.ndarray, aux: Mapping[str, np.ndarray], config: ShopTrainConfig) -> str:
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}, sort_keys=True).encode()
@@ -121,12 +134,10 @@ def train_shop_model(
 
     style = np.asarray(style, np.int64)
     aux = {name: np.asarray(values, np.int64) for name, values in aux.items() if len(np.unique(values)) > 1}
-    previous_threads = torch.get_num_threads()
     threads = config.threads or (1 if frozen else auto_threads())
-    torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    try:
+    with torch_threads(threads):
         n_styles = len(np.unique(style))
         p = max(2, min(config.p, n_styles))
         sampler = PKBatchSampler(style, p=p, k=config.k, seed=config.seed)
@@ -236,5 +247,3 @@ def train_shop_model(
             fold_standardisation(model.projection, mean, std)
         save(folded=True)
         return {**state, "threads": threads}
-    finally:
-        torch.set_num_threads(previous_threads)
