@@ -16,7 +16,6 @@ from fashsim.app.demo import (
     SearchApp,
     png_bytes,
     read_upload,
-    uploaded_file,
 )
 from fashsim.errors import FashsimError
 
@@ -121,8 +120,9 @@ def test_static_figure_and_helpers(app, fmnist_test):
     upload(app, png(fmnist_test.images[5]))
     fig = app.figure()
     assert len(fig.axes) == 7
-    assert uploaded_file(()) is None
-    assert uploaded_file({"a.png": {"content": b"xyz"}}) == ("a.png", b"xyz")  # ipywidgets 7 layout
+    assert read_upload(()) is None
+    legacy = read_upload({"a.png": {"content": b"xyz"}})  # ipywidgets 7 layout
+    assert (legacy.name, legacy.data) == ("a.png", b"xyz")
     assert png_bytes(fmnist_test.images[0]).startswith(b"\x89PNG")
 
 

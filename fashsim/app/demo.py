@@ -107,13 +107,6 @@ class Upload:
         return f"{self.name} ({human_size(self.size)}, sha256 {self.sha256[:8]})"
 
 
-def uploaded_file(value) -> tuple[str, bytes] | None:
-    """``(name, bytes)`` of the file in a FileUpload value: ipywidgets 8 (tuple of dicts with a
-    ``content`` memoryview) or 7 (dict of name → dict); None when nothing is uploaded."""
-    upload = read_upload(value)
-    return None if upload is None else (upload.name, upload.data)
-
-
 def read_upload(value) -> Upload | None:
     """The :class:`Upload` in a FileUpload value (ipywidgets 8 or 7); None when it is empty."""
     if not value:
