@@ -33,6 +33,7 @@ reads its checkpoint and sends it to every rank, so a run killed on any rank res
 from __future__ import annotations
 
 import atexit
+import datetime
 import inspect
 import io
 import os
@@ -103,9 +104,23 @@ def init_process_group(device: str = "auto") -> None:
     atexit.register(_close_process_group)
 
 
+#: seconds a rank waits at exit for the others before it tears the process group down anyway.
+EXIT_BARRIER_SECONDS = 10
+
+
 def _close_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit: wait (gloo) until every rank got here, then close the group. Closing gloo while another
+    rank still tears its own down aborted one run in ten of a two-process test ("terminate called
+    without an active exception", after all work was saved). A rank that failed does not wait for
+    the others longer than :data:`EXIT_BARRIER_SECONDS`."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":  # (NCCL has no barrier with a timeout: closed as before)
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_SECONDS))
+        except Exception:  # noqa: BLE001 - another rank is gone or failed: close ours regardless
+            pass
+    dist.destroy_process_group()
 
 
 def run_class(distributed: bool | None, device: str = "auto") -> type[_Run]:
