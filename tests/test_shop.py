@@ -324,6 +324,35 @@ def test_evaluate_shop_compares_with_baselines(kaggle_build, tmp_path):
     json.dumps(report)  # JSON-able
 
 
+def test_a_build_with_a_hold_out_is_measured_on_the_items_it_never_learnt(small_shop, kaggle_build, tmp_path, capsys):
+    """``build --hold-out`` keeps a share of every style out of training; ``evaluate`` measures on
+    exactly those, from the vectors in the saved collection (the same numbers as the build's own)."""
+    out = tmp_path / "measured"
+    built = shop.build_shop_collection(small_shop, out, **FAST, hold_out=0.25)
+    summary = json.loads((out / shop.BUILD_FILE).read_text())
+    held = set(summary["held_out_ids"])
+    assert len(held) == 60 and summary["trained_on"] == 180  # a quarter of each of the 60 four-item styles
+    assert collections.Counter(r["style"] for r in built.records if r["id"] in held) == {
+        style: 1 for style in {r["style"] for r in built.records}
+    }
+    code = shop.main_build(["evaluate", str(out), "--baselines", "colour_histogram", "--workers", "1", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "60 held-out items" in printed and "| colour_histogram |" in printed
+    report = json.loads((out / shop.EVALUATION_FILE).read_text())
+    assert report["sizes"]["test"] == 60 and set(report["methods"]) == {"trained", "colour_histogram"}
+    test = np.asarray([n for n, r in enumerate(built.records) if r["id"] in held])
+    direct = shop_eval.shop_metrics(built.embeddings[test], [built.records[i] for i in test], built.label_columns)
+    for key in ("style_recall@1", "style_map@r", "baseColour_match@5", "category_recall@1"):
+        assert report["methods"]["trained"]["test"][key] == pytest.approx(direct[key], abs=1e-6)
+    assert report["methods"]["colour_histogram"]["test"]["baseColour_match@5"] > 0.9  # colour is what it sees
+
+    with pytest.raises(FashsimError, match="--hold-out 0.2"):  # trained on everything: nothing to measure
+        shop.evaluate_shop_build(kaggle_build.out_dir)
+    assert shop.main_build(["evaluate", str(tmp_path / "absent")]) == 1
+    with pytest.raises(ValueError, match="hold_out"):
+        shop.build_shop_collection(small_shop, tmp_path / "bad", **FAST, hold_out=1.0)
+
+
 def test_greyscale_and_frozen_baselines_embed_catalog_photos(small_shop, tmp_path):
     from fashsim.model.networks import EmbeddingNet
     from fashsim.model.persistence import save_model

@@ -41,6 +41,7 @@ from PIL import Image
 from ..data.sources import load_source_image
 from ..data.uploads import load_image
 from ..errors import FashsimError
+from ..search import filters
 from ..search.searcher import Searcher
 
 ALL_CATEGORIES = "(all categories)"
@@ -257,10 +258,16 @@ class SearchApp:
         }
 
     def _where(self):
+        """The selected filters in the portable dict form (a filter expression on Milvus, not a
+        scan of every record); a predicate only when a field's name cannot be written in it."""
         wanted = self.selected_filters()
         if not wanted:
             return None
-        return lambda record: all(record.get(field) == value for field, value in wanted.items())
+        try:
+            filters.conditions(wanted)
+        except filters.FilterError:  # e.g. a CSV column named "Base Colour"
+            return lambda record: all(record.get(field) == value for field, value in wanted.items())
+        return wanted
 
     def _guarded(self, action):
         """Run a button's action; an unexpected error becomes a message, never a hung page."""

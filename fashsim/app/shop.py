@@ -31,6 +31,10 @@ Command line (see :func:`add_shop_parser`; ``python -m fashsim.app.shop ...`` wo
     python -m fashsim shop generate data/shops/colour-shop
     python -m fashsim shop build data/shops/colour-shop --out data/shops/colour-shop-index
     python -m fashsim shop search data/shops/colour-shop-index photo.jpg --where baseColour=Red --where "price<50"
+
+    # how good is it? keep a fifth of every style out of training, then measure on those items
+    python -m fashsim shop build data/shops/colour-shop --out data/shops/measured --hold-out 0.2
+    python -m fashsim shop evaluate data/shops/measured
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -58,6 +63,7 @@ DEFAULT_LABEL_COLUMNS = ("articleType", "baseColour", "pattern")
 MODEL_FILE = "model.pt"
 COLLECTION_DIR = "collection"
 BUILD_FILE = "build.json"
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass(frozen=True)
@@ -280,6 +286,7 @@ def build_shop_collection(
     embedding_dim: int = 128,
     train_seconds: float | None = None,
     train_indices: Sequence[int] | None = None,
+    hold_out: float = 0.0,
     skip_unreadable: bool = False,
     kind: str = "auto",
     workers: int = 2,
@@ -296,6 +303,8 @@ def build_shop_collection(
 
     ``train_indices``: the catalog rows the model may learn from (default: all); every readable
     item is indexed either way — pass a split's train rows to evaluate on the others.
+    ``hold_out``: instead, keep this share of every style out of training (e.g. 0.2), so that
+    :func:`evaluate_shop_build` can measure the search on items the model never learnt from.
     ``train_seconds`` (default: the recipe's) bounds the training; ``train_options`` overrides
     :class:`~fashsim.app.shop_train.ShopTrainConfig` fields; ``resume=False`` ignores cached
     chunks and checkpoints. ``csv_options`` go to :func:`~fashsim.data.catalogs.load_csv_catalog`.
@@ -310,6 +319,12 @@ def build_shop_collection(
 
     if backbone not in RECIPES:
         raise ValueError(f"unknown backbone {backbone!r} for a shop; choose one of {', '.join(RECIPES)}")
+    if not 0.0 <= hold_out < 1.0:
+        raise ValueError(
+            f"hold_out is the share of every style kept out of training: 0 <= hold_out < 1, got {hold_out}"
+        )
+    if hold_out and train_indices is not None:
+        raise ValueError("give train_indices or hold_out, not both")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -400,6 +415,19 @@ def build_shop_collection(
     trainable = np.arange(len(keep))
     if train_indices is not None:
         trainable = np.flatnonzero(np.isin(keep, np.asarray(train_indices, np.int64)))
+    elif hold_out:
+        from ..evaluation.shop import shop_split
+
+        labels = [dict(zip(columns, values)) for values in zip(*(kept.column(c) for c in columns))]
+        trainable = shop_split(labels, columns, test_fraction=hold_out, open_set=(), seed=seed)["train"]
+        if len(trainable) == len(keep):
+            notes.append(
+                f"hold_out={hold_out} kept nothing out of training: a style needs at least "
+                f"{max(2, math.floor(0.5 / hold_out) + 1)} items to lend one"
+            )
+            print("note: " + notes[-1], flush=True)
+    if len(trainable) < 2:
+        raise FashsimError(f"only {len(trainable)} items to train on: hold fewer out")
     r = recipe
     config = ShopTrainConfig(
         **{
@@ -464,6 +492,9 @@ def build_shop_collection(
         "items": int(len(catalog)),
         "indexed": int(len(keep)),
         "trained_on": int(len(trainable)),
+        # indexed but never trained on: what evaluate_shop_build measures (record ids)
+        "hold_out": hold_out,
+        "held_out_ids": [int(records[n]["id"]) for n in np.setdiff1d(np.arange(len(keep)), trainable)],
         "label_columns": columns,
         "styles": len(style_names),
         "backbone": backbone,
@@ -496,6 +527,61 @@ def build_shop_collection(
         dict(errors),
         summary,
     )
+
+
+def evaluate_shop_build(
+    out_dir: str | os.PathLike,
+    *,
+    baselines: Sequence[str] | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """How well a shop built with a hold-out (``hold_out=``, ``--hold-out``) searches: each
+    held-out item queries the others (leave-one-out; relevant = the same style, the build's label
+    columns), next to the ``baselines`` (default: all of
+    :data:`~fashsim.evaluation.shop.BASELINES`), and also among every catalog item as the shop's
+    search runs (``catalog``). Uses the vectors stored in the collection; writes the report
+    (:func:`~fashsim.evaluation.shop.evaluate_shop`'s, plus ``table``) to ``<out>/evaluation.json``."""
+    from ..evaluation.shop import BASELINES, comparison_rows, evaluate_shop
+    from ..search.collection import Collection
+
+    out = Path(out_dir)
+    try:
+        summary = json.loads((out / BUILD_FILE).read_text())
+    except FileNotFoundError:
+        raise FashsimError(
+            f"{out} holds no shop build ({BUILD_FILE} is missing): run `fashsim shop build` first"
+        ) from None
+    held_out = summary.get("held_out_ids") or []
+    if len(held_out) < 2 and summary.get("hold_out"):
+        raise FashsimError(
+            f"the shop in {out} kept {len(held_out)} items out of training (hold_out={summary['hold_out']}): "
+            "too few to measure; its styles have too few items each (see the notes in build.json)"
+        )
+    if len(held_out) < 2:
+        raise FashsimError(
+            f"the shop in {out} was trained on every item: searching among items the model learnt measures "
+            "its memory, not its search. Build it again keeping some out of training: --hold-out 0.2 "
+            "(hold_out=0.2), then evaluate"
+        )
+    collection = Collection.load(out / COLLECTION_DIR)
+    ids = collection.index.ids()
+    records = collection.metadata.get(ids)
+    position = {int(i): n for n, i in enumerate(ids)}
+    test = np.asarray(sorted(position[i] for i in held_out if i in position), np.int64)
+    report = evaluate_shop(
+        collection.index.reconstruct(ids),
+        records,
+        [r["source"] for r in records],
+        {"train": np.setdiff1d(np.arange(len(ids)), test), "test": test},
+        summary["label_columns"],
+        baselines=BASELINES if baselines is None else tuple(baselines),
+        workers=workers,
+        progress=progress,
+    )
+    report["table"] = comparison_rows(report)
+    atomic_write_bytes(out / EVALUATION_FILE, json.dumps(report, indent=2).encode())
+    return report
 
 
 def open_shop(out_dir: str | os.PathLike, **kwargs):
@@ -540,6 +626,7 @@ def _cmd_build(args) -> int:
         backbone=args.backbone,
         image_size=args.image_size,
         train_seconds=args.train_seconds,
+        hold_out=args.hold_out,
         skip_unreadable=args.skip_unreadable,
         kind=args.kind,
         workers=args.workers,
@@ -552,6 +639,29 @@ def _cmd_build(args) -> int:
         f"indexed {s['indexed']} of {s['items']} items ({s['styles']} styles of {' + '.join(s['label_columns'])}) "
         f"in {s['seconds']['total']:.0f} s\n  model:      {build.model_path}\n  collection: {build.collection_dir}"
     )
+    if s["held_out_ids"]:
+        print(f"  {len(s['held_out_ids'])} items kept out of training: fashsim shop evaluate {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .report import markdown_table
+
+    report = evaluate_shop_build(args.shop, baselines=args.baselines, workers=args.workers, progress=not args.quiet)
+    sizes = report["sizes"]
+    print(
+        f"{sizes['test']} held-out items, each searching the others (the same style = "
+        f"{' + '.join(report['label_columns'])}):\n"
+    )
+    print(markdown_table(report["table"]))
+    catalog = report["methods"]["trained"]["catalog"]
+    print(
+        f"\namong every catalog item, as the shop searches: style R@1 {catalog['style_recall@1']:.3f}, "
+        f"category R@1 {catalog['category_recall@1']:.3f}"
+    )
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"-> {Path(args.shop) / EVALUATION_FILE}")
     return 0
 
 
@@ -570,7 +680,7 @@ def _cmd_search(args) -> int:
 
 
 def add_shop_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``shop generate | build | search`` to a CLI's subparsers (``python -m fashsim shop ...``)."""
+    """Add ``shop generate | build | search | evaluate`` to a CLI's subparsers (``python -m fashsim shop ...``)."""
     from ..data.colour_shop import DEFAULT_COLOURS
 
     shop = subparsers.add_parser("shop", help="your own shop: a photo catalog -> a searchable collection")
@@ -610,6 +720,14 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
         type=float,
         help="training budget in seconds (default: the recipe's; small_cnn: 40 epochs or 360 s, whichever comes first)",
     )
+    build.add_argument(
+        "--hold-out",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="keep this share of every style out of training, to measure the search with "
+        "`fashsim shop evaluate` (e.g. 0.2; default 0: train on every item)",
+    )
     build.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out (listed)")
     build.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
     build.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
@@ -633,11 +751,29 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
     )
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=_cmd_search)
+
+    from ..evaluation.shop import BASELINES
+
+    evaluate = sub.add_parser(
+        "evaluate", help="measure a shop built with --hold-out on its held-out items, next to baselines"
+    )
+    evaluate.add_argument("shop", help="the --out folder of `shop build --hold-out ...`")
+    evaluate.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=list(BASELINES),
+        default=list(BASELINES),
+        metavar="NAME",
+        help=f"baselines to compare with (default: all: {' '.join(BASELINES)}; none: no baseline)",
+    )
+    evaluate.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=_cmd_evaluate)
     return shop
 
 
 def main_build(argv: Sequence[str] | None = None) -> int:
-    """``python -m fashsim.app.shop {generate,build,search} ...`` (the same as ``fashsim shop ...``)."""
+    """``python -m fashsim.app.shop {generate,build,search,evaluate} ...`` (the same as ``fashsim shop ...``)."""
     parser = argparse.ArgumentParser(prog="fashsim shop")
     add_shop_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["shop", *(argv if argv is not None else sys.argv[1:])])
