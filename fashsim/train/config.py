@@ -51,7 +51,9 @@ class TrainConfig:
     image_size: int | None = _setting(None, "backbone input size in pixels (None: the images' own size)")
     embedding_dim: int = _setting(128, "embedding dimension")
     multi_scale: bool = _setting(False, "add pooled intermediate-stage features to the head's input")
-    flip_average: bool = _setting(False, "embed image + mirror image at test time")
+    flip_average: bool = _setting(
+        True, "embed the image and its mirror image at test time, averaged (2x the query cost; false: the image only)"
+    )
     loss: Loss = _setting("triplet", "triplet | angular (Wang et al. 2017) | cross_entropy (the baseline)")
     angular_alpha: float = _setting(40.0, "angular loss: the angle bound in degrees")
     ce_weight: float = _setting(0.0, "> 0: add this much cross-entropy on the BN-neck to a metric loss")
