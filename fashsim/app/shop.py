@@ -492,8 +492,8 @@ def build_shop_collection(
         "items": int(len(catalog)),
         "indexed": int(len(keep)),
         "trained_on": int(len(trainable)),
-        # indexed but never trained on: what evaluate_shop_build measures (record ids)
         "hold_out": hold_out,
+        # indexed but never trained on: what evaluate_shop_build measures (record ids)
         "held_out_ids": [int(records[n]["id"]) for n in np.setdiff1d(np.arange(len(keep)), trainable)],
         "label_columns": columns,
         "styles": len(style_names),
@@ -764,7 +764,7 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
         choices=list(BASELINES),
         default=list(BASELINES),
         metavar="NAME",
-        help=f"baselines to compare with (default: all: {' '.join(BASELINES)}; none: no baseline)",
+        help=f"baselines to compare with (default: all: {' '.join(BASELINES)}; --baselines alone: none)",
     )
     evaluate.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
     evaluate.add_argument("--quiet", action="store_true")
