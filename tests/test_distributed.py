@@ -176,7 +176,10 @@ TRAIN = """
 
 
 def test_two_processes_train_as_well_as_one(tmp_path):
-    """2 epochs on 1600 images: the same global batches, so the same quality within noise (R@1 ± 0.05)."""
+    """2 epochs on 1600 images: the same global batches, so the same quality within noise. On 400
+    validation images Recall@1 moves in steps of 0.0025 and its run-to-run noise is a few points
+    (measured: 0.033 and 0.050 apart); MAP@R, which counts every relevant image, is steadier
+    (0.012 and 0.008 apart), so it gets the tight bound."""
     script = write(tmp_path, "train.py", TRAIN)
     one = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "one"), "2", "1600"], capture_output=True, text=True, env=ENV
@@ -188,7 +191,8 @@ def test_two_processes_train_as_well_as_one(tmp_path):
     single, double = histories["one"]["history"], histories["two"]["history"]
     assert [h["steps"] for h in double] == [h["steps"] for h in single] == [20, 40]  # one step per global batch
     assert [h["images"] for h in double] == [h["images"] for h in single]
-    assert abs(double[-1]["val_recall@1"] - single[-1]["val_recall@1"]) <= 0.05
+    assert abs(double[-1]["val_map@r"] - single[-1]["val_map@r"]) <= 0.03
+    assert abs(double[-1]["val_recall@1"] - single[-1]["val_recall@1"]) <= 0.08
     assert double[-1]["val_recall@1"] > 0.6  # chance is 0.1
     assert abs(double[-1]["train_loss"] - single[-1]["train_loss"]) < 0.05
     assert load_model(tmp_path / "two" / "run" / "model.pt").embedding_dim == 128
