@@ -8,7 +8,8 @@ upscaled to 56 px) through fashsim's own training loop on CUDA, for a wall-clock
 1. ``amp_training`` — float16 mixed precision on CUDA (``history.json`` says ``precision:
    float16``, the gradient scaler is active): the loss falls, nothing is NaN, images per second;
 2. ``quality`` — Recall@1 / Recall@5 / MAP@R, leave-one-out on the 10k Fashion-MNIST test split
-   (flip-averaged, the default, and the same weights without), against the goal R@1 ≥ 0.95 within ~3.5 minutes of training;
+   (flip-averaged, the default, and the same weights without), against the goal R@1 ≥ 0.95
+   within ~3.5 minutes of training;
 3. ``checkpoint_gpu_to_cpu`` — the ``model.pt`` written on the GPU loads with
    ``load_model(path, device="cpu")`` and gives the GPU's float32 embeddings (max abs diff
    < 1e-3; the GPU side computed with TF32 off, the TF32 default reported too), and
