@@ -292,6 +292,12 @@ def test_shop_metrics_and_split():
     assert len(parts["unseen"]) == 6 and all(records[i % 12]["articleType"] == "B" for i in parts["unseen"])
     assert len(np.intersect1d(parts["train"], parts["test"])) == 0
     assert len(parts["train"]) + len(parts["test"]) + len(parts["unseen"]) == 24
+    for fraction in (0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.9):  # the fewest items a style needs to lend one
+        smallest = shop_eval.smallest_style_held_out(fraction)
+        assert shop_eval.held_out_count(fraction, smallest) == 1
+        assert shop_eval.held_out_count(fraction, smallest - 1) == 0
+        single = [{"articleType": "A"}] * smallest
+        assert len(shop_eval.shop_split(single, ["articleType"], test_fraction=fraction)["test"]) == 1
     hist = shop_eval.colour_histogram(np.full((2, 4, 4, 3), 255, np.uint8))
     assert hist.shape == (2, 512) and np.allclose(hist[:, -1], 1.0)
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -416,14 +415,14 @@ def build_shop_collection(
     if train_indices is not None:
         trainable = np.flatnonzero(np.isin(keep, np.asarray(train_indices, np.int64)))
     elif hold_out:
-        from ..evaluation.shop import shop_split
+        from ..evaluation.shop import shop_split, smallest_style_held_out
 
         labels = [dict(zip(columns, values)) for values in zip(*(kept.column(c) for c in columns))]
         trainable = shop_split(labels, columns, test_fraction=hold_out, open_set=(), seed=seed)["train"]
         if len(trainable) == len(keep):
             notes.append(
                 f"hold_out={hold_out} kept nothing out of training: a style needs at least "
-                f"{max(2, math.floor(0.5 / hold_out) + 1)} items to lend one"
+                f"{smallest_style_held_out(hold_out)} items to lend one"
             )
             print("note: " + notes[-1], flush=True)
     if len(trainable) < 2:

@@ -19,6 +19,7 @@ colour), plus that column's own Recall@1 (e.g. category R@1).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,18 @@ def style_labels(records: Sequence[Mapping], columns: Sequence[str], *, sep: str
     """Integer labels of the combination of ``columns`` in each record."""
     keys = [sep.join(parts) for parts in zip(*(_column(records, c) for c in columns))]
     return np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64)
+
+
+def held_out_count(test_fraction: float, members: int) -> int:
+    """How many of a style's ``members`` items :func:`shop_split` holds out: ``test_fraction`` of
+    them rounded, at most all but one (none of a style with a single item)."""
+    take = int(round(test_fraction * members))
+    return min(take, members - 1) if members >= 2 else 0
+
+
+def smallest_style_held_out(test_fraction: float) -> int:
+    """The fewest items a style needs for :func:`held_out_count` to hold one out (``test_fraction`` > 0)."""
+    return max(2, math.floor(0.5 / test_fraction) + 1)
 
 
 def shop_split(
@@ -80,9 +93,9 @@ def shop_split(
         rng = np.random.default_rng(seed)
         for s in np.unique(styles):
             members = seen[styles == s]
-            take = int(round(test_fraction * len(members)))
-            if len(members) >= 2 and take:
-                test[rng.choice(members, min(take, len(members) - 1), replace=False)] = True
+            take = held_out_count(test_fraction, len(members))
+            if take:
+                test[rng.choice(members, take, replace=False)] = True
     return {"train": np.flatnonzero(~unseen & ~test), "test": np.flatnonzero(test), "unseen": np.flatnonzero(unseen)}
 
 
