@@ -164,7 +164,7 @@ def _expected(
 
 
 def _embed_one(
-    model, source: Source, shard_dir: Path, expected: dict, *, batch_size: int, num_workers: int, device
+    model, source: Source, shard_dir: Path, expected: dict, *, batch_size: int, num_workers: int, device, rank: int
 ) -> None:
     from .inference import embed_arrays
 
@@ -192,7 +192,7 @@ def _embed_one(
         "unreadable": {str(i): message for i, message in sorted(unreadable.items())},
         "vectors_sha256": sha256_file(path),
         "seconds": round(time.perf_counter() - began, 3),
-        "rank": _dist().get_rank() if _dist().is_initialized() else int(os.environ.get("RANK", "0")),
+        "rank": rank,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_bytes(shard_dir / f"{name}.json", json.dumps(manifest, indent=1).encode())  # last: "finished"
@@ -249,7 +249,14 @@ def embed_shards(
     report = ShardReport(len(bounds), reused=reused)
     for shard in mine:
         _embed_one(
-            model, source, shard_dir, expected[shard], batch_size=batch_size, num_workers=num_workers, device=device
+            model,
+            source,
+            shard_dir,
+            expected[shard],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            rank=rank,
         )
         report.embedded.append(shard)
         if progress:
