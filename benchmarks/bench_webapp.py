@@ -197,18 +197,17 @@ def at_rest(server_pid: int, pool: int, visitors: set = frozenset()) -> bool:
         return False
     procs = processes(server_pid)
     for p in procs:
-        try:
-            p.cpu_percent(None)
-        except Exception:  # noqa: BLE001 - a process that just ended
-            pass
+        cpu_percent(p)  # starts each process's measurement
     time.sleep(1.0)
-    busy = 0.0
-    for p in procs:
-        try:
-            busy += p.cpu_percent(None)
-        except Exception:  # noqa: BLE001
-            pass
-    return busy < 10.0
+    return sum(cpu_percent(p) for p in procs) < 10.0
+
+
+def cpu_percent(process) -> float:
+    """A process's CPU use since the last call (0 for a process that just ended)."""
+    try:
+        return process.cpu_percent(None)
+    except Exception:  # noqa: BLE001 - a process that just ended
+        return 0.0
 
 
 def wait_for(condition, timeout: float, step: float = 0.5):
