@@ -193,7 +193,7 @@ def test_metadata_fields_shown_and_filterable(small_searcher):
             **r,
             "colour": ("red", "blue", "green")[r["id"] % 3],
             "name": f"item <{r['id']}>",
-            "Stock level": ("low", "high")[r["id"] % 2],
+            "Stock Level": ("low", "high")[r["id"] % 2],
         }
         for r in base.metadata.get(ids)
     ]
@@ -201,18 +201,19 @@ def test_metadata_fields_shown_and_filterable(small_searcher):
         base.index.reconstruct(ids), records, kind="flat", model_fingerprint=base.model_fingerprint
     )
     app = SearchApp(Searcher(small_searcher.model, collection), k=5)
-    assert set(app.filters) == {"colour", "Stock level"}  # "name" has 300 values: no filter
+    assert set(app.filters) == {"colour", "Stock Level"}  # "name" has 300 values: no filter
     assert app.filters["colour"].options == (ANY_VALUE, "blue", "green", "red")
+    assert app.filters["colour"].description == "Colour" and app.filters["Stock Level"].description == "Stock Level"
     app.filters["colour"].value = "green"
     app.category.value = "Trouser"
     assert app._where() == {"colour": "green"}  # the portable form: a filter expression on Milvus
     hits = app.search_random()
     assert hits and all(h.extra["colour"] == "green" and h.category == "Trouser" for h in hits)
-    app.filters["Stock level"].value = "high"  # a column name the dict form cannot hold
+    app.filters["Stock Level"].value = "high"  # a column name the dict form cannot hold
     assert callable(app._where())
     hits = app.search_random()
-    assert hits and all(h.extra["colour"] == "green" and h.extra["Stock level"] == "high" for h in hits)
-    app.filters["Stock level"].value = ANY_VALUE
+    assert hits and all(h.extra["colour"] == "green" and h.extra["Stock Level"] == "high" for h in hits)
+    app.filters["Stock Level"].value = ANY_VALUE
     assert "colour</i>: green" in app.results_html.value and "item &lt;" in app.results_html.value
     assert "colour = green" in app.status.value
     assert "colour=green" in app.history_panel.value
