@@ -173,7 +173,11 @@ class SearchApp:
         for field, values in metadata.field_values(FILTER_MAX_VALUES).items():
             labels = {str(v): v for v in values}
             self._field_values[field] = labels
-            self.filters[field] = w.Dropdown(options=[ANY_VALUE, *labels], description=field[:1].upper() + field[1:])
+            self.filters[field] = w.Dropdown(
+                options=[ANY_VALUE, *labels],
+                description=field[:1].upper() + field[1:],
+                style={"description_width": "initial"},  # long column names in full, not cut to "MasterCat…"
+            )
         self.find_button = w.Button(description="Find similar", button_style="primary", icon="")
         self.random_button = w.Button(description="Random catalog item", icon="", layout=w.Layout(width="auto"))
         self.log_box = w.Checkbox(
