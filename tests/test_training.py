@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fashsim.app.report import training_rows
 from fashsim.errors import FashsimError
 from fashsim.model.persistence import load_model
 from fashsim.train import device
@@ -100,6 +101,24 @@ def test_short_run_learns_and_writes_everything(tiny_data, tmp_path):
     assert saved["device"] == "cpu" and saved["precision"] == precision and len(saved["history"]) == 2
     model = load_model(tmp_path / "model.pt")
     assert model.embedding_dim == 128
+
+    # notebook 02's table: this run's best epoch, then the benchmark's rows, compared recipes included
+    scores = {"recall@1": 0.9, "recall@5": 0.97, "map@r": 0.8, "epochs": 21}
+    benchmark = {
+        "triplet": scores,
+        "triplet_without_flip_average": {"recall@1": 0.89, "recall@5": 0.96, "map@r": 0.79},
+        "variants": {"mining=batch_hard ce_weight=1.0": {**scores, "recall@1": 0.91}},
+    }
+    rows = training_rows(saved, benchmark)
+    assert [row["run"] for row in rows] == [
+        "this run (validation split)",
+        "benchmark: triplet (test split)",
+        "benchmark: triplet_without_flip_average (test split)",
+        "benchmark: variant mining=batch_hard ce_weight=1.0 (test split)",
+    ]
+    assert rows[0]["best epoch"] == result.best["epoch"] and rows[0]["epochs"] == 2
+    assert rows[0]["recall@1"] == round(result.best["val_recall@1"], 4)
+    assert rows[-1]["recall@1"] == 0.91 and rows[-1]["epochs"] == 21
 
 
 def test_torchvision_backbone_trains_on_greyscale_arrays(tiny_data, tmp_path):

@@ -45,7 +45,8 @@ def metrics_rows(by_name: Mapping[str, Mapping], key: str, columns: Sequence[str
 
 def training_rows(history: Mapping, benchmark: Mapping | None = None) -> list[dict]:
     """This run's best epoch (``history.json`` of :func:`fashsim.train.train`), and — when the
-    training benchmark has run — its test-split results (``reports/benchmarks/training.json``)."""
+    training benchmark has run — its test-split results (``reports/benchmarks/training.json``),
+    the recipes it was asked to compare (``--recipe``, under ``variants``) included."""
     rows = []
     if history and history.get("best"):
         best, last = history["best"], history["history"][-1]
@@ -60,7 +61,10 @@ def training_rows(history: Mapping, benchmark: Mapping | None = None) -> list[di
                 **{k: round(best[f"val_{k}"], 4) for k in SUMMARY_METRICS},
             }
         )
-    for name, result in (benchmark or {}).items():
+    benchmark = benchmark or {}
+    variants = benchmark.get("variants") or {}
+    named = [*benchmark.items(), *((f"variant {name}", result) for name, result in variants.items())]
+    for name, result in named:
         if isinstance(result, Mapping) and "recall@1" in result:
             rows.append(
                 {

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -38,6 +37,7 @@ from ..data.sampler import PKBatchSampler
 from ..data.transforms import augment_batch, normalise_batch
 from ..fileio import atomic_torch_save
 from ..model.networks import EmbeddingNet
+from ..train.loop import lr_factor
 from ..train.losses import triplet_loss
 
 
@@ -208,9 +208,8 @@ def train_shop_model(
             for batch in sampler:
                 start = time.perf_counter()
                 progress_now = min(1.0, max(state["elapsed"] / config.seconds, state["epoch"] / config.max_epochs))
-                factor = min(1.0, (state["step"] + 1) / max(1, config.warmup_steps))
                 for group in optimizer.param_groups:
-                    group["lr"] = config.lr * factor * 0.5 * (1.0 + math.cos(math.pi * progress_now))
+                    group["lr"] = config.lr * lr_factor(state["step"], progress_now, config.warmup_steps)
                 index = torch.as_tensor(batch)
                 if frozen:
                     raw = model.head(F.dropout(x_all[index], config.feature_dropout))
