@@ -520,4 +520,6 @@ def test_voila_log_has_no_kernel_errors(voila):
     text = Path(voila["log"]).read_text(errors="replace")
     for bad in ("ProgrammingError", "Traceback", "Exception in callback"):
         assert bad not in text, f"{bad} in the Voilà log"
+    # every kernel the pages used talked over encrypted sockets (fashsim.app.kernels)
+    assert "Kernel started" in text and "without encryption" not in text
     assert json.dumps(webapp.WEBSOCKET_MAX_MESSAGE_BYTES) in " ".join(webapp.voila_arguments())

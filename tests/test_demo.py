@@ -291,6 +291,7 @@ def test_voila_arguments():
         "--VoilaKernelManager.fill_delay=2.5",
         "--VoilaConfiguration.multi_kernel_manager_class=fashsim.app.webapp.AppKernelManager",
         f"--Voila.tornado_settings={{'websocket_max_message_size': {webapp.WEBSOCKET_MAX_MESSAGE_BYTES}}}",
+        "--KernelManager.transport_encryption=auto",  # the kernels' sockets encrypted
     ):
         assert expected in args
     assert not any("preheat" in a for a in webapp.voila_arguments(preheat=0))

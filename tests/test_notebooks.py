@@ -336,6 +336,25 @@ def test_failing_notebook_is_named(tmp_path, project_home):
     assert (tmp_path / "out" / "09_broken.ipynb").exists()
 
 
+def test_notebook_kernels_talk_over_encrypted_sockets(tmp_path, project_home, capfd):
+    """ipykernel ≥ 7 warns on every run that a kernel's TCP traffic is plain text: the pipeline's
+    kernels get CurveZMQ keys instead, and the run's output stays free of that warning."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from ipykernel.kernelapp import IPKernelApp\n"
+            "print('encrypted:', IPKernelApp.instance().curve_secretkey is not None)"
+        ),
+    ]
+    path = tmp_path / "01_sockets.ipynb"
+    nbformat.write(nb, path)
+    [executed] = pipeline.run_pipeline("smoke", notebooks=[path], output_dir=tmp_path / "out", progress=False)
+    assert nbformat.read(executed, as_version=4).cells[1].outputs[0]["text"] == "encrypted: True\n"
+    assert "without encryption" not in capfd.readouterr().err
+
+
 def test_profile_parameters():
     first = NOTEBOOKS[0]
     assert pipeline.parameters_for(first, "full") == {}

@@ -5,7 +5,12 @@ import collections
 import csv
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -373,3 +378,33 @@ def test_greyscale_and_frozen_baselines_embed_catalog_photos(small_shop, tmp_pat
     assert frozen.shape == (12, 1280) and np.isfinite(frozen).all()
     with pytest.raises(ValueError, match="unknown baseline"):
         shop_eval.baseline_embeddings("sift", paths)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures other processes through /proc/stat")
+def test_training_threads_follow_other_processes_not_this_ones_own_work():
+    """One torch thread while other processes keep the cores busy, every core otherwise — and this
+    process's own work (generating and reading the catalog just before training) is not "busy"."""
+    from fashsim.app import shop_train
+
+    cores = os.cpu_count() or 1
+    spin = threading.Event()
+    worker = threading.Thread(target=lambda: [None for _ in iter(spin.is_set, True)])  # this process, busy
+    worker.start()
+    try:
+        assert shop_train.busy_cores() < 0.5  # its own CPU time is not counted
+    finally:
+        spin.set()
+        worker.join()
+    assert shop_train.auto_threads() == cores
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(cores)  # other processes
+    ]
+    try:
+        time.sleep(0.3)
+        assert shop_train.busy_cores() >= cores - 0.5
+        assert shop_train.auto_threads() == 1
+    finally:
+        for process in spinners:
+            process.kill()
+            process.wait()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import FashsimError
 from ..paths import notebooks_dir, reports_dir
+from .kernels import kernel_config
 from .results import update_results
 
 #: per-notebook parameter overrides, by profile; keys are notebook stems without the number prefix.
@@ -120,6 +121,7 @@ def run_pipeline(
                 kernel_name=kernel_name,
                 cwd=str(notebook.parent),
                 progress_bar=progress,
+                config=kernel_config(),
             )
         except pm.PapermillExecutionError as exc:
             raise PipelineError(

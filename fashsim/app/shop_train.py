@@ -68,15 +68,36 @@ _RESUMABLE = {"seconds", "max_epochs", "threads"}
 
 
 def auto_threads() -> int:
-    """Every core on an idle machine, one on a busy one: when other processes already keep the
-    cores busy (1-minute load average ≥ cores − 0.5), several torch threads wait on each other
+    """Every core on an idle machine, one on a busy one: when other processes keep the cores busy
+    (at least cores − 0.5 of them, :func:`busy_cores`), several torch threads wait on each other
     at every step — measured 10× slower than one thread on a shared two-core machine."""
     cores = os.cpu_count() or 1
+    return 1 if busy_cores() >= cores - 0.5 else cores
+
+
+def busy_cores(window: float = 0.3) -> float:
+    """How many cores other processes keep busy now: measured over ``window`` seconds from
+    ``/proc/stat`` (Linux), less this process's own CPU time. Elsewhere the 1-minute load
+    average, which also counts this process's recent work and lags by about a minute (0 where
+    there is none)."""
     try:
-        busy = os.getloadavg()[0] >= cores - 0.5
-    except OSError:  # not available on this platform
-        busy = False
-    return 1 if busy else cores
+        busy_before, own_before, start = _busy_seconds(), time.process_time(), time.monotonic()
+        time.sleep(window)
+        busy = _busy_seconds() - busy_before - (time.process_time() - own_before)
+        return max(0.0, busy / (time.monotonic() - start))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            return 0.0
+
+
+def _busy_seconds() -> float:
+    """CPU seconds spent busy (user, nice, system, irq, softirq, steal) on all cores since boot."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager

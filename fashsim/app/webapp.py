@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import FashsimError
+from .kernels import kernel_arguments
 
 APP_NOTEBOOK = Path(__file__).with_name("search_app.ipynb")
 #: a Jupyter data folder holding the ``fashsim`` Voilà template (put on ``JUPYTER_PATH``).
@@ -179,6 +180,7 @@ def voila_arguments(
         # default of 4 s then serves a page without the app)
         "--VoilaExecutor.iopub_timeout=60",
         f"--VoilaConfiguration.multi_kernel_manager_class={__name__}.AppKernelManager",
+        *kernel_arguments(),  # the kernels' sockets encrypted (fashsim.app.kernels)
     ]
     if preheat > 0:
         args += [
