@@ -415,10 +415,9 @@ def build_shop_collection(
     if train_indices is not None:
         trainable = np.flatnonzero(np.isin(keep, np.asarray(train_indices, np.int64)))
     elif hold_out:
-        from ..evaluation.shop import shop_split, smallest_style_held_out
+        from ..evaluation.shop import smallest_style_held_out, stratified_hold_out
 
-        labels = [dict(zip(columns, values)) for values in zip(*(kept.column(c) for c in columns))]
-        trainable = shop_split(labels, columns, test_fraction=hold_out, open_set=(), seed=seed)["train"]
+        trainable = np.setdiff1d(trainable, stratified_hold_out(style, hold_out, seed=seed))
         if len(trainable) == len(keep):
             notes.append(
                 f"hold_out={hold_out} kept nothing out of training: a style needs at least "

@@ -63,6 +63,19 @@ def smallest_style_held_out(test_fraction: float) -> int:
     return max(2, math.floor(0.5 / test_fraction) + 1)
 
 
+def stratified_hold_out(styles: np.ndarray, test_fraction: float, *, seed: int = 0) -> np.ndarray:
+    """Sorted positions of the items held out of training: :func:`held_out_count` of every style
+    in ``styles`` (integer labels), drawn at random (``seed``)."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(styles), bool)
+    for s in np.unique(styles):
+        members = np.flatnonzero(styles == s)
+        take = held_out_count(test_fraction, len(members))
+        if take:
+            held[rng.choice(members, take, replace=False)] = True
+    return np.flatnonzero(held)
+
+
 def shop_split(
     records: Sequence[Mapping],
     label_columns: Sequence[str],
@@ -90,12 +103,7 @@ def shop_split(
     test = np.zeros(n, bool)
     if test_fraction > 0 and len(seen):
         styles = style_labels([records[i] for i in seen], label_columns)
-        rng = np.random.default_rng(seed)
-        for s in np.unique(styles):
-            members = seen[styles == s]
-            take = held_out_count(test_fraction, len(members))
-            if take:
-                test[rng.choice(members, take, replace=False)] = True
+        test[seen[stratified_hold_out(styles, test_fraction, seed=seed)]] = True
     return {"train": np.flatnonzero(~unseen & ~test), "test": np.flatnonzero(test), "unseen": np.flatnonzero(unseen)}
 
 
