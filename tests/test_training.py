@@ -136,14 +136,42 @@ def test_cross_entropy_baseline_runs(tiny_data, tmp_path):
     assert result.history[0]["val_recall@1"] > 0.4
 
 
-def test_resume_continues_and_refuses_other_configs(tiny_data, tmp_path):
+def test_resume_continues_this_run_and_sets_other_runs_aside(tiny_data, tmp_path, capsys):
     train_set, val_set = tiny_data
     first = training.train(training.TrainConfig(**TINY | {"epochs": 1}), train_set, val_set, tmp_path, progress=False)
     more = training.train(training.TrainConfig(**TINY | {"epochs": 2}), train_set, val_set, tmp_path, progress=False)
     assert len(more.history) == 2 and more.history[0] == first.history[0]
     assert more.history[1]["steps"] == 2 * first.history[0]["steps"]
-    with pytest.raises(FashsimError, match="different configuration.*margin"):
-        training.train(training.TrainConfig(**TINY | {"margin": 0.5}), train_set, val_set, tmp_path, progress=False)
+    capsys.readouterr()
+
+    def set_aside_runs():
+        return sorted((tmp_path / "superseded").iterdir()) if (tmp_path / "superseded").is_dir() else []
+
+    def history_in(folder):
+        return json.loads((folder / "history.json").read_text())["history"]
+
+    # another configuration: a fresh run; the earlier run's files are kept, not overwritten
+    other = training.train(training.TrainConfig(**TINY | {"margin": 0.5}), train_set, val_set, tmp_path, progress=False)
+    assert other.history[0]["steps"] == first.history[0]["steps"]  # started from step 0
+    assert "holds a run made with a different configuration (margin)" in capsys.readouterr().out
+    (kept,) = set_aside_runs()
+    assert history_in(kept) == more.history and {p.name for p in kept.iterdir()} == set(training.RUN_FILES)
+    assert load_model(kept / "model.pt").embedding_dim == 128
+
+    # the same configuration on other data (e.g. another open-set hold-out) does not continue either
+    fewer = train_set.subset(range(1600))
+    config = training.TrainConfig(**TINY | {"margin": 0.5, "epochs": 3})
+    again = training.train(config, fewer, val_set, tmp_path, progress=False)
+    assert again.history[0]["steps"] < first.history[0]["steps"] and len(again.history) == 3
+    assert "holds a run made with other training or validation data" in capsys.readouterr().out
+    assert history_in(set_aside_runs()[-1]) == other.history
+
+    # resume=False keeps the earlier run too; a resume of the same run and data continues it
+    training.train(config, fewer, val_set, tmp_path, progress=False, resume=False)
+    assert len(set_aside_runs()) == 3 and history_in(set_aside_runs()[-1]) == again.history
+    assert "resume=False" in capsys.readouterr().out
+    done = training.train(config, fewer, val_set, tmp_path, progress=False)
+    assert "resuming from" in capsys.readouterr().out and len(done.history) == 3 and len(set_aside_runs()) == 3
 
 
 def test_time_budget_stops(tiny_data, tmp_path):

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.datasets import update_digest
 from ..data.sampler import PKBatchSampler
 from ..data.transforms import augment_batch, normalise_batch
 from ..fileio import atomic_torch_save
@@ -116,13 +117,11 @@ def _data_key(inputs: np.ndarray, style: np.ndarray, aux: Mapping[str, np.ndarra
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}, sort_keys=True).encode()
     )
-    digest.update(str(inputs.shape).encode())
-    step = max(1, len(inputs) // 512)  # a sample of rows: enough to tell data sets apart, cheap for large ones
-    digest.update(np.ascontiguousarray(inputs[::step]).tobytes())
-    digest.update(np.ascontiguousarray(style).tobytes())
+    for array in (inputs, style):
+        update_digest(digest, array)
     for name in sorted(aux):
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(aux[name]).tobytes())
+        update_digest(digest, aux[name])
     return digest.hexdigest()[:20]
 
 
@@ -193,6 +192,13 @@ def train_shop_model(
                 generator.set_state(blob["generator"])
                 state = {**blob["state"], "resumed": True}
                 if blob.get("folded"):  # a finished run: its model is already the final one
+                    trained_for = blob.get("config", {}).get("seconds")
+                    if trained_for is not None and config.seconds is not None and config.seconds > trained_for:
+                        print(
+                            f"note: the model in {path.parent} finished its {trained_for:g} s of training and is "
+                            f"reused as it is; to train it for {config.seconds:g} s, build afresh (--fresh)",
+                            flush=True,
+                        )
                     return {**state, "threads": threads}
 
         def save(folded: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,3 +32,22 @@ class ImageArrayDataset:
         """The items at ``indices`` (any numpy index), same class names."""
         idx = np.asarray(indices)
         return ImageArrayDataset(self.images[idx], self.labels[idx], self.class_names, self.source)
+
+    def fingerprint(self) -> str:
+        """A short digest that tells data sets apart: every label and class name, the images'
+        shape and a sample of their rows (see :func:`update_digest`)."""
+        digest = hashlib.sha256("\n".join(self.class_names).encode())
+        for array in (self.images, self.labels):
+            update_digest(digest, array)
+        return digest.hexdigest()[:20]
+
+
+def update_digest(digest, array: np.ndarray, *, rows: int = 512) -> None:
+    """Feed ``array`` to a hashlib ``digest``: its dtype and shape, then all of a 1-D array (labels)
+    or about ``rows`` evenly spaced rows of a larger one (images) — enough to tell data sets apart,
+    cheap for large ones."""
+    array = np.asarray(array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    if array.ndim > 1:
+        array = array[:: max(1, len(array) // rows)]
+    digest.update(np.ascontiguousarray(array).tobytes())

@@ -46,8 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.sampler import DistributedPKBatchSampler
 from ..errors import FashsimError
-from .checkpoints import restore_checkpoint
-from .loop import CHECKPOINT, TrainState, _Run
+from .loop import CHECKPOINT, _Run
 from .objective import Batch, compute_loss
 
 #: torchrun's environment variables (``LOCAL_*``: within one machine).
@@ -336,21 +335,11 @@ class DistributedRun(_Run):
         )
         self.global_model = _GlobalBatchModel(self.ddp, self.model.classifier)
 
-    def resume(self) -> None:
+    def checkpoint_source(self):
         path = self.out_dir / CHECKPOINT
         blob = path.read_bytes() if self.is_main and path.is_file() else None
         blob = broadcast_object(blob)  # rank 0's checkpoint, whatever the other ranks have on disk
-        if blob is not None:
-            saved = restore_checkpoint(
-                io.BytesIO(blob), self.config, self.model, self.optimizer, self.scaler, self.generator
-            )
-            self.state = TrainState(**saved)
-            if self.is_main:
-                print(
-                    f"resuming from {path}: epoch {self.state.epoch} done, {self.state.elapsed:.0f} s used "
-                    f"({self.world_size} processes)",
-                    flush=True,
-                )
+        return None if blob is None else io.BytesIO(blob)
 
     def batches(self, epoch: int):
         batches = super().batches(epoch)

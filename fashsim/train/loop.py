@@ -43,7 +43,7 @@ from ..model.input_format import training_input_spec
 from ..model.networks import EmbeddingNet
 from ..model.persistence import load_model, save_model
 from ..paths import data_dir
-from .checkpoints import restore_checkpoint, save_checkpoint
+from .checkpoints import CheckpointMismatchError, restore_checkpoint, save_checkpoint, set_aside
 from .config import TrainConfig
 from .device import autocast_dtype, seed_everything, select_device
 from .objective import Batch, compute_loss
@@ -51,6 +51,7 @@ from .objective import Batch, compute_loss
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
 HISTORY = "history.json"
+RUN_FILES = (CHECKPOINT, BEST_MODEL, HISTORY)  # what a run writes in its folder
 
 
 class TrainingCollapsedWarning(UserWarning):
@@ -110,8 +111,10 @@ def train(
 ) -> TrainResult:
     """Train an :class:`EmbeddingNet` on in-memory images; checkpoints and history go to ``out_dir``.
 
-    With ``resume=True`` and a checkpoint of the same configuration in ``out_dir``, training
-    continues after the last completed epoch (and within the remaining time budget). With
+    With ``resume=True`` and a checkpoint of the same configuration and data in ``out_dir``,
+    training continues after the last completed epoch (and within the remaining time budget); a
+    run of another configuration or on other data there (and any run, with ``resume=False``) is
+    moved to ``out_dir/superseded/<time>/`` and training starts afresh. With
     ``config.freeze_backbone`` only the head trains, on backbone features cached in
     ``feature_cache`` (default ``data/cache/features``; see :mod:`fashsim.model.inference`).
 
@@ -125,6 +128,8 @@ def train(
     run = Run(config, train_data, val_data, Path(out_dir), progress=progress, feature_cache=feature_cache)
     if resume:
         run.resume()
+    elif run.is_main:
+        set_aside(out_dir, RUN_FILES, "resume=False")
     stopped = "epochs"
     for epoch in range(run.state.epoch, config.epochs):
         if run.out_of_time():
@@ -188,6 +193,7 @@ class _Run:
         self.sampler = PKBatchSampler(train_data.labels, p=p, k=config.k, seed=config.seed)
         self.batch_size = p * config.k
         self.val = _validation_subset(val_data, config.val_max_items, config.seed)
+        self.data_key = train_data.fingerprint() + self.val.fingerprint()
         if config.freeze_backbone:  # the backbone sees every image once; the head trains on its cached features
             cache = Path(feature_cache) if feature_cache else data_dir() / "cache" / "features"
             self.inputs, self.val_features = (
@@ -202,12 +208,31 @@ class _Run:
             self.inputs = torch.from_numpy(np.ascontiguousarray(train_data.images)).to(self.device)
         self.monitor = CollapseMonitor()
 
-    def resume(self) -> None:
+    def checkpoint_source(self):
+        """The folder's checkpoint to resume from, None when there is none (DDP hook: rank 0's, broadcast)."""
         path = self.out_dir / CHECKPOINT
-        if path.is_file():
-            saved = restore_checkpoint(path, self.config, self.model, self.optimizer, self.scaler, self.generator)
-            self.state = TrainState(**saved)
-            print(f"resuming from {path}: epoch {self.state.epoch} done, {self.state.elapsed:.0f} s used")
+        return path if path.is_file() else None
+
+    def resume(self) -> None:
+        """Continue from the folder's checkpoint when it is this run's; set another run's aside."""
+        source = self.checkpoint_source()
+        if source is None:
+            return
+        try:
+            saved = restore_checkpoint(
+                source, self.config, self.model, self.optimizer, self.scaler, self.generator, data_key=self.data_key
+            )
+        except CheckpointMismatchError as mismatch:
+            if self.is_main:
+                set_aside(self.out_dir, RUN_FILES, f"{self.out_dir} holds a run made with {mismatch}")
+            return
+        self.state = TrainState(**saved)
+        if self.is_main:
+            print(
+                f"resuming from {self.out_dir / CHECKPOINT}: epoch {self.state.epoch} done, "
+                f"{self.state.elapsed:.0f} s used",
+                flush=True,
+            )
 
     def out_of_time(self) -> bool:
         return self.config.max_seconds is not None and self.state.elapsed >= self.config.max_seconds
@@ -346,6 +371,7 @@ class _Run:
             self.scaler,
             self.generator,
             asdict(state),
+            data_key=self.data_key,
         )
         precision = str(self.precision or torch.float32).removeprefix("torch.")
         atomic_write_bytes(
