@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,9 +148,13 @@ def test_metadata_filters_on_any_column(kaggle_build):
     striped_bags = searcher.search(query, k=50, category="Handbags", where=parse_conditions("pattern!=Solid"))
     assert striped_bags and all(h.category == "Handbags" and h.extra["pattern"] == "Striped" for h in striped_bags)
     assert searcher.search(query, k=5, where=parse_conditions("price>100000")) == []
-    for bad in ("price<cheap", "no operator", "bad name=1"):
+    for bad in ("price<cheap", "no operator"):
         with pytest.raises(FilterError):
             parse_conditions(bad)
+    kinds = searcher.collection.metadata.field_kinds()
+    assert kinds["price"] == "number" and kinds["baseColour"] == "text"
+    with pytest.raises(FilterError, match="no column 'colour'"):
+        parse_conditions("colour=Red", kinds)
 
 
 def test_a_collection_refuses_another_model(kaggle_build):
@@ -280,6 +285,88 @@ def test_generic_csv_with_paths_and_the_command_line(small_shop, tmp_path, capsy
     assert shop.main_build(["build", str(tmp_path / "missing.csv"), "--out", str(out)]) == 1
 
 
+def test_a_catalog_saved_by_a_spreadsheet_builds_and_filters_from_any_folder(small_shop, tmp_path, monkeypatch, capsys):
+    """Windows-1252 text with semicolons, images named <id>.JPG / .png, columns named like the
+    record's own fields, text sizes and zero-padded codes; built from a relative path, used from
+    another folder."""
+    rows = _rows(small_shop)[:48]
+    owner = tmp_path / "owner"
+    (owner / "images").mkdir(parents=True)
+    lines = ["id;articleType;baseColour;productDisplayName;size;sku;category;style;source"]
+    for n, row in enumerate(rows):
+        extension = (".JPG", ".png", ".jpg")[n % 3]
+        image = Image.open(small_shop / "images" / f"{row['id']}.jpg")
+        image.save(owner / "images" / f"{row['id']}{extension}", format="PNG" if extension == ".png" else "JPEG")
+        lines.append(
+            f"{row['id']};{row['articleType']};{row['baseColour']};Robe élégante {n};{('8', '10', 'M')[n % 3]};"
+            f"{n:04d};Apparel;SKU-{n};Supplier {n % 2}"
+        )
+    (owner / "styles.csv").write_bytes("\r\n".join(lines).encode("cp1252"))
+
+    with pytest.warns(UserWarning, match="not UTF-8.*Windows-1252"):
+        catalog = catalogs.open_catalog(owner, category_column="articleType")  # else "category" comes first
+    assert len(catalog) == 48 and catalog.extra[1]["productDisplayName"] == "Robe élégante 1"
+    assert catalog.paths[0].name == f"{rows[0]['id']}.JPG" and catalog.paths[0].is_absolute()
+    record = shop.catalog_records(catalog, range(48), ["articleType", "baseColour"])[1]
+    assert record["category"] == rows[1]["articleType"] and record["catalog_category"] == "Apparel"
+    assert record["style"] == f"{rows[1]['articleType']} / {rows[1]['baseColour']}"
+    assert record["catalog_style"] == "SKU-1" and record["catalog_source"] == "Supplier 1"
+    assert record["source"] == str(catalog.paths[1]) and record["id"] == int(rows[1]["id"])
+    assert (record["size"], record["sku"]) == ("10", "0001")  # text columns stay text
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = shop.build_shop_collection(
+            "owner",
+            "out",
+            label_columns=["articleType", "baseColour"],
+            csv_options={"category_column": "articleType"},
+            **{**FAST, "train_seconds": 2.0},
+        )
+    assert any("'size' stays text: 16 of 48 values are not plain numbers ('M')" in n for n in built.summary["notes"])
+    assert any("read as Windows-1252" in n for n in built.summary["notes"])  # what the catalog said, kept
+    assert "note: column 'size' stays text" in capsys.readouterr().out
+    monkeypatch.chdir("/")
+    query = str(owner / "images" / f"{rows[3]['id']}.JPG")
+    for where, check in (
+        ("size=8", lambda h: h["extra"]["size"] == "8"),
+        ("sku=0003", lambda h: h["id"] == int(rows[3]["id"])),
+    ):
+        assert shop.main_build(["search", str(tmp_path / "out"), query, "-k", "5", "--where", where, "--json"]) == 0
+        hits = json.loads(capsys.readouterr().out)
+        assert hits and all(map(check, hits))
+    assert Path(hits[0]["source"]).is_file()  # absolute: thumbnails and baselines work from any folder
+    assert shop.main_build(["search", str(tmp_path / "out"), query, "--where", "colour=Red"]) == 1
+    assert "no column 'colour'" in capsys.readouterr().err
+
+
+def test_catalogs_that_cannot_make_a_shop_are_refused_before_reading_images(small_shop, tmp_path):
+    one = tmp_path / "one" / "Shoes"
+    one.mkdir(parents=True)
+    for n in range(3):
+        (one / f"{n}.jpg").write_bytes(b"not read yet")  # a guard after streaming would report these
+    with pytest.raises(FashsimError, match="at least two"):
+        shop.build_shop_collection(tmp_path / "one", tmp_path / "out", **FAST)
+    small = catalogs.open_catalog(small_shop).subset(range(40))
+    with pytest.raises(FashsimError, match="'ivfpq' index needs at least 256 items"):
+        shop.build_shop_collection(small, tmp_path / "out", kind="ivfpq", **FAST)
+    with pytest.raises(FashsimError, match="holds no shop build"):
+        shop.open_shop(tmp_path / "nothing")
+    csv_path = tmp_path / "loose.csv"
+    csv_path.write_text("path,name,articleType\na.jpg,Shirt, slim fit,Shirts\nb.jpg,Dress,Dresses\n")
+    with pytest.warns(UserWarning, match=r"1 rows have more fields than the header \(lines 2\).*'articleType'"):
+        loose = catalogs.load_csv_catalog(csv_path, check_files=False)
+    assert loose.categories() == ["slim fit,Shirts", "Dresses"]  # what the repair did, said out loud
+
+
+def test_a_shop_collection_is_served_with_its_own_model(kaggle_build):
+    from fashsim.app import webapp
+
+    collection, model = webapp.resolve(kaggle_build.collection_dir)
+    assert model == kaggle_build.model_path.resolve()
+
+
 # ------------------------------------------------------------------ evaluation
 def test_shop_metrics_and_split():
     records = [{"articleType": t, "baseColour": c, "pattern": "Solid"} for t in "AB" for c in "xy" for _ in range(3)]
@@ -362,6 +449,11 @@ def test_a_build_with_a_hold_out_is_measured_on_the_items_it_never_learnt(small_
     assert shop.main_build(["evaluate", str(tmp_path / "absent")]) == 1
     with pytest.raises(ValueError, match="hold_out"):
         shop.build_shop_collection(small_shop, tmp_path / "bad", **FAST, hold_out=1.0)
+
+
+def test_baselines_refuse_images_that_are_gone(tmp_path):
+    with pytest.raises(FashsimError, match="(?s)can no longer be read.*gone.jpg: no such file"):
+        shop_eval.baseline_embeddings("raw_pixels", [tmp_path / "gone.jpg"], workers=0)
 
 
 def test_greyscale_and_frozen_baselines_embed_catalog_photos(small_shop, tmp_path):

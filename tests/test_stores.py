@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -15,9 +16,16 @@ from conftest import faiss_without_torch_patch
 
 from fashsim.errors import FashsimError
 from fashsim.search.collection import CorruptIndexError, IndexMismatchError
-from fashsim.search.filters import FilterError, conditions, to_milvus_expression, to_predicate
+from fashsim.search.filters import (
+    FilterError,
+    conditions,
+    milvus_expressible,
+    parse_conditions,
+    to_milvus_expression,
+    to_predicate,
+)
 from fashsim.search.index import VectorIndexError
-from fashsim.search.metadata import MetadataError
+from fashsim.search.metadata import MetadataError, field_kinds
 from fashsim.search.stores import FaissCollection, VectorStore, build_collection, open_collection
 
 HAS_MILVUS = all(importlib.util.find_spec(m) is not None for m in ("pymilvus", "milvus_lite"))
@@ -185,6 +193,20 @@ def test_metadata_filters(store_kit, data):
     assert sum(map(len, both)) > 0
     assert collection.search(queries[:1], K, where={"colour": "Green"}) == [[]]
     assert collection.search(queries[:1], K, where=lambda r: False) == [[]]
+    # a CSV column whose name a Milvus expression cannot hold filters alike on both stores
+    odd = [{**r, "Stock Level": ("low", "high")[r["id"] % 2]} for r in records]
+    collection = build(vectors, odd, kind="flat")
+    mask = np.array([r["Stock Level"] == "high" and r["colour"] == "Red" for r in odd])
+    results = collection.search(queries, K, where={"Stock Level": "high", "colour": "Red"})
+    assert hit_ids(results) == exact_top(vectors, ids, queries, K, mask)[0]
+    assert collection.metadata.field_kinds() == {
+        "id": "number",
+        "source": "text",
+        "category": "text",
+        "Stock Level": "text",
+        "colour": "text",
+        "price": "number",
+    }
     expression = 'extra["colour"] == "Red" and extra["price"] < 50'
     if store == "milvus":
         assert hit_ids(collection.search(queries, K, where=expression)) == expected
@@ -355,9 +377,50 @@ def test_filter_forms():
     predicate = to_predicate({"price": ("<", 50), "colour": ["Red"]})
     assert predicate({"price": 10, "colour": "Red"}) and not predicate({"price": 10, "colour": "Blue"})
     assert not predicate({"colour": "Red"}) and not predicate({"price": "cheap", "colour": "Red"})
-    for bad in ({"price": ("~", 1)}, {"bad key": 1}, {"price": ("in", [])}, {"price": [1, None]}, {"x": float("nan")}):
+    for bad in ({"price": ("~", 1)}, {"": 1}, {"price": ("in", [])}, {"price": [1, None]}, {"x": float("nan")}):
         with pytest.raises(FilterError):
             conditions(bad)
+    assert milvus_expressible({"colour": 1, "category": 2}) and not milvus_expressible({"Base Colour": "Red"})
+    with pytest.raises(FilterError, match="letters, digits"):
+        to_milvus_expression({"Base Colour": "Red"})
+
+
+def test_command_line_conditions_read_values_as_the_columns_hold_them():
+    assert parse_conditions(["baseColour=Red", "price<50", "size=8"]) == {
+        "baseColour": [("==", "Red")],
+        "price": [("<", 50)],
+        "size": [("==", 8)],
+    }
+    kinds = field_kinds([{"price": 12.5, "size": "8", "sku": "0001", "Base Colour": "Red", "misc": 3}, {"misc": "x"}])
+    assert kinds == {
+        "id": "number",
+        "source": "text",
+        "category": "text",
+        "Base Colour": "text",
+        "misc": "mixed",
+        "price": "number",
+        "size": "text",
+        "sku": "text",
+    }
+    where = parse_conditions(["size=8", "sku=0001", "price<50", "Base Colour=Red", "misc=3"], kinds)
+    assert where == {
+        "size": [("==", "8")],
+        "sku": [("==", "0001")],
+        "price": [("<", 50)],
+        "Base Colour": [("==", "Red")],
+        "misc": [("==", 3)],
+    }
+    record = {"size": "8", "sku": "0001", "price": 12.5, "Base Colour": "Red", "misc": 3}
+    assert to_predicate(where)(record)
+    for text, message in (
+        ("colour=Red", "no column 'colour'; the columns are: id, source, category, Base Colour"),
+        ("size<10", "size holds text"),
+        ("price=cheap", "price holds numbers"),
+        ("price<cheap", "'cheap' is not one"),
+        ("misc<x", "< needs a number"),
+    ):
+        with pytest.raises(FilterError, match=re.escape(message)):
+            parse_conditions([text], kinds)
     with pytest.raises(FashsimError, match="unknown vector store"):
         open_collection("x", store="annoy")
 
@@ -377,7 +440,7 @@ def test_missing_pymilvus_says_what_to_install(monkeypatch, tmp_path):
     from fashsim.search.milvus import MilvusCollection, MilvusNotInstalledError
 
     monkeypatch.setitem(sys.modules, "pymilvus", None)  # import pymilvus -> ImportError
-    with pytest.raises(MilvusNotInstalledError, match=r"fashsim\[milvus\]"):
+    with pytest.raises(MilvusNotInstalledError, match=r"\.\[milvus\]"):
         MilvusCollection(DIM, "flat", location=tmp_path / "m.db")
 
 

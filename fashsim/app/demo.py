@@ -41,7 +41,6 @@ from PIL import Image
 from ..data.sources import load_source_image
 from ..data.uploads import load_image
 from ..errors import FashsimError
-from ..search import filters
 from ..search.searcher import Searcher
 
 ALL_CATEGORIES = "(all categories)"
@@ -263,15 +262,8 @@ class SearchApp:
 
     def _where(self):
         """The selected filters in the portable dict form (a filter expression on Milvus, not a
-        scan of every record); a predicate only when a field's name cannot be written in it."""
-        wanted = self.selected_filters()
-        if not wanted:
-            return None
-        try:
-            filters.conditions(wanted)
-        except filters.FilterError:  # e.g. a CSV column named "Base Colour"
-            return lambda record: all(record.get(field) == value for field, value in wanted.items())
-        return wanted
+        scan of every record)."""
+        return self.selected_filters() or None
 
     def _guarded(self, action):
         """Run a button's action; an unexpected error becomes a message, never a hung page."""

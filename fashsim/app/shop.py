@@ -203,24 +203,45 @@ def _typed_columns(rows: list[dict]) -> list[dict]:
     ]
 
 
+def mostly_numeric_text_columns(records: Sequence[Mapping]) -> list[str]:
+    """Notes on the columns that stayed text although most of their values are numbers (``$49``,
+    ``N/A`` among prices): a ``price < 50`` filter cannot use them until those values are fixed."""
+    notes = []
+    for column in sorted({k for r in records for k, v in r.items() if isinstance(v, str)}):
+        texts = [r[column] for r in records if isinstance(r.get(column), str) and r[column] != ""]
+        odd = [v for v in texts if not _NUMBER.match(v)]
+        if texts and 0 < len(odd) <= len(texts) / 2:
+            examples = ", ".join(repr(v) for v in list(dict.fromkeys(odd))[:3])
+            notes.append(
+                f"column {column!r} stays text: {len(odd)} of {len(texts)} values are not plain numbers ({examples}), "
+                f"so filters such as {column}<50 cannot use it"
+            )
+    return notes
+
+
 def catalog_records(catalog: FileCatalog, indices: Sequence[int], label_columns: Sequence[str]) -> list[dict]:
     """Collection records of the catalog items at ``indices``: ``id`` (the catalog's integer
-    ``id`` column when its values are unique integers, e.g. Kaggle's, else the catalog row),
-    ``source`` (the image path), ``category``, ``style`` (the label columns joined) and every
-    catalog column (a non-integer ``id`` column is kept as ``catalog_id``)."""
+    ``id`` column when its values are unique integers that fit 64 bits, e.g. Kaggle's, else the
+    catalog row), ``source`` (the image path), ``category``, ``style`` (the label columns joined)
+    and every catalog column. A catalog column whose name the record uses for something else keeps
+    its values under ``catalog_<name>`` (a non-integer ``id`` column: ``catalog_id``; a CSV
+    column ``style`` or ``source``, or ``category`` when another column is the category)."""
     base = catalog.records()
     rows = _typed_columns([dict(base[i]) for i in indices])
     ids = [row.get("id") for row in rows]
-    use_own = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids) and len(set(ids)) == len(ids)
+    use_own = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in ids) and len(
+        set(ids)
+    ) == len(ids)
     records = []
     for i, row in zip(indices, rows):
         record = {k: v for k, v in row.items() if k not in ("id", "path")}
-        if not use_own and row.get("id") not in (None, ""):
-            record["catalog_id"] = row["id"]
         record["id"] = row["id"] if use_own else int(i)
         record["source"] = row["path"]
         record["category"] = str(catalog.class_names[catalog.labels[i]])
         record["style"] = " / ".join("" if row.get(c) is None else str(row.get(c)) for c in label_columns)
+        for name in ("id", "source", "category", "style"):  # row holds the catalog's own columns of these names
+            if name in catalog.extra[i] and row[name] not in (None, "") and row[name] != record[name]:
+                record[f"catalog_{name}"] = row[name]
         records.append(record)
     return records
 
@@ -328,13 +349,18 @@ def build_shop_collection(
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    catalog = (
-        catalog_or_path
-        if isinstance(catalog_or_path, FileCatalog)
-        else open_catalog(catalog_or_path, **(csv_options or {}))
-    )
-    columns, missing = resolve_label_columns(catalog, label_columns)
     notes = []
+    if isinstance(catalog_or_path, FileCatalog):
+        catalog = catalog_or_path
+    else:
+        with warnings.catch_warnings(record=True) as caught:  # skipped rows, encoding: into build.json too
+            warnings.simplefilter("always")
+            catalog = open_catalog(catalog_or_path, **(csv_options or {}))
+        for warning in caught:
+            notes.append(str(warning.message))
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    columns, missing = resolve_label_columns(catalog, label_columns)
+    _check_trainable(catalog, columns, kind)
     if missing:
         notes.append(f"label columns {missing} are not in the catalog: 'the same style' = {' + '.join(columns)}")
         print("note: " + notes[-1], flush=True)
@@ -467,6 +493,9 @@ def build_shop_collection(
     timings["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     records = catalog_records(catalog, keep, columns)
+    for note in mostly_numeric_text_columns(records):
+        notes.append(note)
+        print("note: " + note, flush=True)
     model_fp = fingerprint(model)
     collection = Collection.build(embeddings, records, kind=kind, model_fingerprint=model_fp)
     model_path = out / MODEL_FILE
@@ -527,6 +556,25 @@ def build_shop_collection(
     )
 
 
+def _check_trainable(catalog: FileCatalog, columns: Sequence[str], kind: str) -> None:
+    """Refuse, before any image is read, a catalog that cannot make a collection of ``kind``
+    or whose items all share one style (nothing to learn to tell apart)."""
+    from ..search.index import minimum_items
+
+    _, styles = catalog.combined_labels(columns)
+    if len(styles) < 2:
+        raise FashsimError(
+            f"every item of the catalog has the same {' + '.join(columns)} ({styles[0]!r}): similarity is "
+            "learnt by telling styles apart, so a shop needs at least two (an image folder: one sub-folder per "
+            "category; a CSV: choose label columns that differ, --label-columns)"
+        )
+    if len(catalog) < minimum_items(kind):
+        raise FashsimError(
+            f"a {kind!r} index needs at least {minimum_items(kind)} items and the catalog has {len(catalog)}: "
+            "use kind 'flat' (exact; the default 'auto' picks it for small catalogs) or 'hnsw'"
+        )
+
+
 def evaluate_shop_build(
     out_dir: str | os.PathLike,
     *,
@@ -584,10 +632,22 @@ def evaluate_shop_build(
 
 def open_shop(out_dir: str | os.PathLike, **kwargs):
     """The :class:`~fashsim.search.searcher.Searcher` of a shop built into ``out_dir``."""
+    from ..search.collection import IndexMismatchError
     from ..search.searcher import Searcher
 
     out = Path(out_dir)
-    return Searcher.from_paths(out / MODEL_FILE, out / COLLECTION_DIR, **kwargs)
+    if not (out / MODEL_FILE).is_file() or not (out / COLLECTION_DIR).is_dir():
+        raise FashsimError(
+            f"{out} holds no shop build (no {MODEL_FILE} and {COLLECTION_DIR}/ in it): build one with "
+            f"`python -m fashsim shop build CATALOG --out {out}`"
+        )
+    try:
+        return Searcher.from_paths(out / MODEL_FILE, out / COLLECTION_DIR, **kwargs)
+    except IndexMismatchError as exc:  # e.g. a build interrupted between saving the model and the collection
+        raise IndexMismatchError(
+            f"{out}: the collection was not built with this model ({exc}); rebuild the shop with "
+            f"`python -m fashsim shop build CATALOG --out {out}`"
+        ) from None
 
 
 # ------------------------------------------------------------------ command line
@@ -667,7 +727,8 @@ def _cmd_search(args) -> int:
     from ..search.filters import parse_conditions
 
     searcher = open_shop(args.shop, threads=1)
-    hits = searcher.search(args.image, k=args.k, category=args.category, where=parse_conditions(args.where))
+    where = parse_conditions(args.where, searcher.collection.metadata.field_kinds()) if args.where else None
+    hits = searcher.search(args.image, k=args.k, category=args.category, where=where)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:

@@ -111,7 +111,8 @@ def default_paths() -> tuple[Path, Path]:
 
 def resolve(collection: str | os.PathLike | None = None, model: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """The collection folder and model file to serve: as given, else from ``$FASHSIM_COLLECTION`` /
-    ``$FASHSIM_MODEL``, else a ``model.pt`` inside the collection folder, else the course defaults."""
+    ``$FASHSIM_MODEL``, else a ``model.pt`` inside the collection folder (or beside it, for a shop
+    built with ``fashsim shop build --out OUT``: ``OUT/collection``), else the course defaults."""
     default_collection, default_model = default_paths()
     collection = collection or os.environ.get(ENV_COLLECTION) or default_collection
     if "://" in str(collection):  # a Milvus server (store "milvus"): a model must be given
@@ -121,7 +122,13 @@ def resolve(collection: str | os.PathLike | None = None, model: str | os.PathLik
     collection = Path(collection).expanduser().resolve()
     model = model or os.environ.get(ENV_MODEL)
     if model is None:
-        model = collection / "model.pt" if (collection / "model.pt").is_file() else default_model
+        shop_model = collection.parent / "model.pt"  # `fashsim shop build --out OUT`: OUT/model.pt + OUT/collection
+        if (collection / "model.pt").is_file():
+            model = collection / "model.pt"
+        elif shop_model.is_file() and (collection.parent / "build.json").is_file():
+            model = shop_model
+        else:
+            model = default_model
     return collection, Path(model).expanduser().resolve()
 
 

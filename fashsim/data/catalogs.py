@@ -9,6 +9,7 @@ Images are not decoded here; :func:`fashsim.data.uploads.load_image` does that w
 from __future__ import annotations
 
 import csv
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -106,8 +107,9 @@ def load_image_folder(root: str | os.PathLike, *, extensions=IMAGE_EXTENSIONS) -
     """One sub-folder per category (``root/<category>/**/<image>``), like torchvision's ImageFolder.
 
     Files with other extensions and hidden files are ignored; empty category folders are skipped.
+    Paths are absolute (a collection built from the catalog works from any folder).
     """
-    root = Path(root)
+    root = Path(root).absolute()
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist")
     paths: list[Path] = []
@@ -153,15 +155,15 @@ def load_csv_catalog(
     * Rows with more fields than the header (unquoted commas in the last column, as in Kaggle's
       ``productDisplayName``) are repaired by joining the surplus into the last column.
     * Rows without a category, or whose image file is missing (``check_files``), are skipped with
-      one warning that counts them.
+      one warning that counts them. Paths are absolute (a collection built from the catalog
+      works from any folder).
     * ``extra`` holds the other columns; with ``keep_columns`` every column, the category and
       path columns too (all as text).
     """
-    csv_path = Path(csv_path)
+    csv_path = Path(csv_path).absolute()
     if not csv_path.is_file():
         raise DatasetNotFoundError(f"CSV catalog {csv_path} does not exist")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle))
+    rows = _read_csv_rows(csv_path)
     if not rows:
         raise DatasetFormatError(f"{csv_path} is empty")
     header = [h.strip() for h in rows[0]]
@@ -181,17 +183,22 @@ def load_csv_catalog(
         raise DatasetFormatError(f"{csv_path}: no column {path_column!r}; columns are: {', '.join(header)}")
     if image_dir is None:
         image_dir = csv_path.parent if path_column else csv_path.parent / "images"
-    image_dir = Path(image_dir)
+    image_dir = Path(image_dir).absolute()
 
+    by_stem = _images_by_stem(image_dir) if path_column is None and check_files else {}
+    listed = set(by_stem.values())
     paths: list[Path] = []
     categories: list[str] = []
     extra: list[dict] = []
     skipped = {"no category": 0, "missing image": 0, "short row": 0}
-    for row in rows[1:]:
+    missing: list[str] = []
+    joined: list[int] = []
+    for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) > len(header):
             row = row[: len(header) - 1] + [",".join(row[len(header) - 1 :])]
+            joined.append(line)
         if len(row) < len(header):
             skipped["short row"] += 1
             continue
@@ -202,22 +209,66 @@ def load_csv_catalog(
             continue
         if path_column:
             relative = record[path_column] if keep_columns else record.pop(path_column)
-        else:
+        else:  # Kaggle: images/<id>.jpg, or the id with another extension (.JPG, .png, ...)
             relative = f"{record[id_column]}{image_extension}"
+            if by_stem and relative not in listed:
+                relative = by_stem.get(record[id_column], relative)
         path = Path(relative) if Path(relative).is_absolute() else image_dir / relative
         if check_files and not path.is_file():
             skipped["missing image"] += 1
+            missing.append(relative)
             continue
         paths.append(path)
         categories.append(category)
         extra.append(record)
     if any(skipped.values()):
         detail = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
-        warnings.warn(f"{csv_path}: skipped {sum(skipped.values())} rows ({detail})", stacklevel=2)
+        listed = f"; missing under {image_dir}: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+        warnings.warn(
+            f"{csv_path}: skipped {sum(skipped.values())} rows ({detail}){listed if missing else ''}", stacklevel=2
+        )
+    if joined:
+        lines = ", ".join(map(str, joined[:10])) + (" ..." if len(joined) > 10 else "")
+        warnings.warn(
+            f"{csv_path}: {len(joined)} rows have more fields than the header (lines {lines}); their surplus "
+            f"was joined into the last column, {header[-1]!r} — check them if a comma sits in another column",
+            stacklevel=2,
+        )
     if not paths:
         raise DatasetFormatError(f"{csv_path}: no usable rows (images looked up under {image_dir})")
     names, labels = np.unique(np.asarray(categories), return_inverse=True)
     return FileCatalog(tuple(paths), labels.astype(np.int64), tuple(str(n) for n in names), tuple(extra))
+
+
+def _read_csv_rows(csv_path: Path) -> list[list[str]]:
+    """The rows of a CSV file: UTF-8 (with or without a byte-order mark), else Windows-1252 as
+    spreadsheet programs save it (with a warning); the delimiter (``,`` ``;`` tab ``|``) found
+    from the header line."""
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            raise DatasetFormatError(
+                f"{csv_path} is neither UTF-8 nor Windows-1252 text ({exc}); save it as UTF-8 CSV"
+            ) from None
+        warnings.warn(f"{csv_path} is not UTF-8 ({exc.reason} at byte {exc.start}): read as Windows-1252", stacklevel=3)
+    header = text.split("\n", 1)[0]
+    delimiter = max(",;\t|", key=header.count) if header else ","
+    return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+
+
+def _images_by_stem(image_dir: Path) -> dict[str, str]:
+    """File name by name-without-extension of the images in ``image_dir`` (one listing, not a
+    lookup per row): lets ``<id>.jpg`` be found as ``<id>.JPG`` or ``<id>.png``."""
+    if not image_dir.is_dir():
+        return {}
+    with os.scandir(image_dir) as entries:
+        return {
+            Path(e.name).stem: e.name for e in entries if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and e.is_file()
+        }
 
 
 def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str = "list_eval_partition.txt") -> FileCatalog:
@@ -228,7 +279,7 @@ def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str = "l
     ``extra`` holds ``item_id`` (the retrieval identity: use :meth:`FileCatalog.group_ids`) and
     ``split`` (train / query / gallery, see :func:`fashsim.data.splits.inshop_split`).
     """
-    root = Path(root)
+    root = Path(root).absolute()
     partition = root / partition_file
     if not partition.is_file():
         raise DatasetNotFoundError(f"DeepFashion In-shop: {partition} does not exist")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DatasetFormatError
 from . import metrics
 
 #: Style combinations held out of training in the colour shop's open-set split (any column → value).
@@ -164,9 +165,15 @@ def colour_histogram(images: np.ndarray, bins: int = 8) -> np.ndarray:
 
 
 def _stream(paths: Sequence, spec, *, workers: int, batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    from ..data.catalogs import stream_images
+    from ..data.catalogs import stream_images, unreadable_report
 
     images, errors = stream_images(paths, spec, workers=workers, batch_size=batch_size, progress=progress)
+    if errors:  # a blank image in place of a photo would skew every score without a word
+        raise DatasetFormatError(
+            "images of the collection can no longer be read (moved or deleted since the build?):\n"
+            + unreadable_report(errors, len(paths))
+            + "\nrestore them or rebuild the shop"
+        )
     return images
 
 

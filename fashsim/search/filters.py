@@ -56,8 +56,8 @@ def conditions(where: Mapping) -> list[tuple[str, str, object]]:
         raise FilterError(f"a where dict was expected, got {type(where).__name__}")
     out = []
     for field, spec in where.items():
-        if not isinstance(field, str) or not _NAME.match(field):
-            raise FilterError(f"filter field {field!r} must be a name of letters, digits and underscores")
+        if not isinstance(field, str) or not field.strip():
+            raise FilterError(f"filter field {field!r} must be a non-empty name")
         if isinstance(spec, tuple):
             specs = [spec]
         elif isinstance(spec, list) and spec and all(isinstance(s, tuple) for s in spec):
@@ -109,11 +109,16 @@ def _typed(text: str):
     return text
 
 
-def parse_conditions(texts) -> dict | None:
+def parse_conditions(texts, fields: Mapping[str, str] | None = None) -> dict | None:
     """The dict form from conditions written as text, e.g. ``["baseColour=Red", "price<50",
     "pattern!=Solid"]`` (the ``--where`` of the command line): ``=``/``==``, ``!=``, ``<``,
-    ``<=``, ``>``, ``>=``; values that read as numbers are numbers, comparisons are exact
-    ("Red" is not "red"). None for no conditions; :class:`FilterError` for text it cannot read."""
+    ``<=``, ``>``, ``>=``; comparisons are exact ("Red" is not "red"). None for no conditions;
+    :class:`FilterError` for text it cannot read.
+
+    ``fields`` (a collection's ``field_kinds()``: name → number | text | mixed) makes the reading
+    exact: an unknown column is refused (the known ones are listed), a text column's value stays
+    text (``size=8``, ``sku=0001``), a number column's must be a number, and ``<``/``>`` on a text
+    column is refused. Without it, values that read as numbers are numbers."""
     if not texts:
         return None
     if isinstance(texts, str):
@@ -124,12 +129,30 @@ def parse_conditions(texts) -> dict | None:
         if not match:
             raise FilterError(f"cannot read the filter {text!r}: write COLUMN=VALUE, COLUMN!=VALUE or COLUMN<NUMBER")
         field, op, value = match.groups()
-        value = _typed(value)
-        if op in ("<", "<=", ">", ">=") and isinstance(value, str):
-            raise FilterError(f"filter {text!r}: {op} needs a number")
+        kind = _field_kind(fields, field, text)
+        value = value if kind == "text" else _typed(value)
+        if kind == "number" and isinstance(value, str):
+            raise FilterError(f"filter {text!r}: {field} holds numbers, {value!r} is not one")
+        if op in ("<", "<=", ">", ">=") and (isinstance(value, str) or kind == "text"):
+            raise FilterError(
+                f"filter {text!r}: {op} needs a number"
+                + (
+                    f", and {field} holds text (a column with a value that is not a number stays text)"
+                    if kind == "text"
+                    else ""
+                )
+            )
         where.setdefault(field, []).append(("==" if op == "=" else op, value))
     conditions(where)  # field names and values checked now, not at the first search
     return where
+
+
+def _field_kind(fields: Mapping[str, str] | None, field: str, text: str) -> str | None:
+    if fields is None:
+        return None
+    if field not in fields:
+        raise FilterError(f"filter {text!r}: no column {field!r}; the columns are: {', '.join(fields)}")
+    return fields[field]
 
 
 def describe(where) -> str:
@@ -205,6 +228,11 @@ def milvus_field(field: str) -> str:
     if not _NAME.match(field):
         raise FilterError(f"filter field {field!r} must be a name of letters, digits and underscores")
     return f'extra["{field}"]'
+
+
+def milvus_expressible(where: Mapping) -> bool:
+    """Whether every field of a dict filter can be written in a Milvus expression (see :func:`milvus_field`)."""
+    return all(field in CORE_FIELDS or _NAME.match(field) for field in where)
 
 
 def to_milvus_expression(where: Mapping) -> str:

@@ -117,6 +117,13 @@ def choose_kind(n_items: int) -> str:
     return "hnsw" if n_items < AUTO_COMPACT_FROM else "ivfsq"
 
 
+def minimum_items(kind: str) -> int:
+    """The fewest vectors an index ``kind`` can be trained on: 256 for product quantisation (its
+    8-bit codebooks need a training vector per code), 1 otherwise."""
+    factory = FACTORIES.get(kind, kind)
+    return 256 if "PQ" in factory else 1
+
+
 def nlist_for(n_items: int, n_train: int | None = None) -> int:
     """Number of IVF lists for a collection of ``n_items``: 4·√N, the low end of the FAISS guideline
     (4·√N to 16·√N: fewer lists train and assign faster, ``nprobe`` buys recall back), capped so the
@@ -333,7 +340,14 @@ class VectorIndex:
         if self._index is None:
             self._build(self.params["nlist"] or nlist_for(n_items or len(x), len(x)))
         if not self._index.is_trained:
-            self._index.train(x)
+            try:
+                self._index.train(x)
+            except RuntimeError as exc:  # e.g. PQ codebooks: "Number of training points (24) should be at least ..."
+                reason = next((line for line in str(exc).splitlines() if "Error" in line), str(exc))[-300:]
+                raise VectorIndexError(
+                    f"a {self.kind} index cannot be trained on {len(x)} vectors ({reason.strip()}); "
+                    f"small collections want kind='flat' (exact) or 'hnsw'"
+                ) from None
             self._sync_gpu()
 
     # ---------------------------------------------------------------- GPU copy

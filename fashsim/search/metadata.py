@@ -165,6 +165,13 @@ class MetadataStore:
                 return few_valued_fields(extras, max_distinct)
         return {key: sorted(vals, key=lambda v: (str(type(v)), v)) for key, vals in chosen.items() if vals}
 
+    def field_kinds(self) -> dict[str, str]:
+        """Every field a filter can name → ``"number"``, ``"text"`` or ``"mixed"`` (what its values
+        are), the record's own ``id``, ``source`` and ``category`` first; see :func:`field_kinds`."""
+        with self.lock:
+            extras = (json.loads(extra) for (extra,) in self.conn.execute("SELECT extra FROM items"))
+            return field_kinds(extras)
+
     # ------------------------------------------------------------ history
     def log_search(self, k: int, category: str | None, result_ids) -> None:
         with self.lock, self.conn:
@@ -220,3 +227,28 @@ def few_valued_fields(extras: Iterable[Mapping], max_distinct: int) -> dict[str,
                 values.setdefault(key, set()).add(value)
     chosen = {k: v for k, v in values.items() if k not in nested and 0 < len(v) <= max_distinct}
     return {k: sorted(v, key=lambda x: (str(type(x)), x)) for k, v in sorted(chosen.items())}
+
+
+def field_kinds(extras: Iterable[Mapping]) -> dict[str, str]:
+    """``id``, ``source``, ``category`` and each ``extra`` field → ``"number"`` (every value a
+    number), ``"text"`` (every value text) or ``"mixed"``: how the command line's ``--where``
+    reads a condition's value (:func:`fashsim.search.filters.parse_conditions`)."""
+    seen: dict[str, set] = {}
+    for extra in extras:
+        for key, value in extra.items():
+            if value is not None:
+                seen.setdefault(key, set()).add(_kind(value))
+    kinds = {"id": "number", "source": "text", "category": "text"}
+    # a field whose values are all text, or all numbers, has that kind; anything else is mixed
+    kinds.update(
+        (key, found.pop() if found in ({"text"}, {"number"}) else "mixed") for key, found in sorted(seen.items())
+    )
+    return kinds
+
+
+def _kind(value) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return "other"

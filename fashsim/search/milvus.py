@@ -53,9 +53,9 @@ import numpy as np
 
 from ..errors import FashsimError
 from .collection import CorruptIndexError, Hit, IndexMismatchError
-from .filters import CORE_FIELDS, milvus_literal, to_milvus_expression
+from .filters import CORE_FIELDS, milvus_expressible, milvus_literal, to_milvus_expression, to_predicate
 from .index import VectorIndexError
-from .metadata import MetadataError, few_valued_fields
+from .metadata import MetadataError, few_valued_fields, field_kinds
 
 FORMAT_VERSION = 1
 DEFAULT_COLLECTION = "fashsim"
@@ -67,7 +67,7 @@ MAX_NQ = 16_384
 INSERT_BATCH = 5_000  # rows per insert request (well under Milvus's 64 MB per request)
 ID_CHUNK = 1_000  # ids per `id in [...]` expression
 PROPERTY = "fashsim."
-INSTALL_HINT = "pip install 'fashsim[milvus]'  (pymilvus + milvus-lite)"
+INSTALL_HINT = "pip install -e '.[milvus]'  (pymilvus + milvus-lite)"
 
 
 class MilvusNotInstalledError(FashsimError, ImportError):
@@ -291,6 +291,11 @@ class MilvusMetadata:
         """The further (``extra``) fields with at most ``max_distinct`` distinct scalar values, as
         :meth:`fashsim.search.metadata.MetadataStore.field_values` (reads every record)."""
         return few_valued_fields((r.get("extra") or {} for r in self._owner._scan("", ["extra"])), max_distinct)
+
+    def field_kinds(self) -> dict[str, str]:
+        """Each field → number | text | mixed, as :meth:`fashsim.search.metadata.MetadataStore.field_kinds`
+        (reads every record)."""
+        return field_kinds(r.get("extra") or {} for r in self._owner._scan("", ["extra"]))
 
     def log_search(self, k: int, category: str | None, result_ids) -> None:
         self._history.append(
@@ -720,8 +725,11 @@ class MilvusCollection:
     # ------------------------------------------------------------ search
     def filter_expression(self, *, category: str | None = None, where=None) -> str | None:
         """The Milvus filter for a ``category`` and a ``where`` (dict, expression string or callable);
-        ``None`` when nothing can match (a callable that matches no record)."""
+        ``None`` when nothing can match (a callable that matches no record). A dict naming a field
+        that a Milvus expression cannot hold (e.g. "Base Colour") is evaluated as a predicate."""
         parts = []
+        if isinstance(where, Mapping) and not milvus_expressible(where):
+            where = to_predicate(where)
         if category is not None:
             parts.append(f"category == {milvus_literal(category)}")
         if where is None:
