@@ -15,7 +15,7 @@ HNSW (M=32, efConstruction=200, ef=128) with the cosine / inner-product metric. 
 
     .venv/bin/python benchmarks/bench_stores.py [--n 100000] [--queries 1000] [--latency-queries 300]
 
-Writes ``reports/benchmarks/stores.json``. Needs ``pip install 'fashsim[milvus]'`` for the Milvus part
+Writes ``reports/benchmarks/stores.json``. Needs ``pip install -e '.[milvus]'`` for the Milvus part
 (without it only FAISS is measured).
 """
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
 
     stores = list(args.stores)
     if "milvus" in stores and importlib.util.find_spec("pymilvus") is None:
-        print("pymilvus is not installed (pip install 'fashsim[milvus]'): measuring FAISS only", flush=True)
+        print("pymilvus is not installed (pip install -e '.[milvus]'): measuring FAISS only", flush=True)
         stores.remove("milvus")
     base, categories, queries, query_categories = synthetic(args.n, args.queries)
     report = {

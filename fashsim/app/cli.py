@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=webapp.PRELOADED_KERNELS,
         metavar="N",
         help=f"kernels kept ready with the app loaded, so N visitors arriving together get their page at once "
-        f"(default {webapp.PRELOADED_KERNELS}; about 600 MiB each; 0: none)",
+        f"(default {webapp.PRELOADED_KERNELS}; about 660 MiB each; 0: none)",
     )
     serve.add_argument(
         "--cull-idle-timeout",
