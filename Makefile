@@ -44,10 +44,12 @@ serve: setup
 
 setup: $(STAMP) data
 
-# The virtual environment, refreshed whenever pyproject.toml or constraints.txt change.
+# The virtual environment, refreshed whenever pyproject.toml or constraints.txt change, or when
+# another EXTRAS was installed since (only the last install's stamp is kept).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
 # Fashion-MNIST: found already (explicit path, $$FASHSIM_DATA, data/raw, /usr/share/datasets)?

@@ -333,7 +333,22 @@ def test_failing_notebook_is_named(tmp_path, project_home):
         pipeline.run_pipeline("smoke", notebooks=[broken], output_dir=tmp_path / "out", progress=False)
     message = str(info.value)
     assert "09_broken.ipynb" in message and "RuntimeError" in message and "boom in the middle" in message
+    assert "In [3]" in message  # the cell as the executed copy labels it (after the injected parameters)
     assert (tmp_path / "out" / "09_broken.ipynb").exists()
+
+    nb.cells[2] = nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    nbformat.write(nb, broken)  # a kernel killed mid-run (out of memory, say) is named too, not a traceback
+    with pytest.raises(pipeline.PipelineError, match=r"09_broken.ipynb stopped: DeadKernelError"):
+        pipeline.run_pipeline("smoke", notebooks=[broken], output_dir=tmp_path / "out", progress=False)
+
+
+def test_unknown_notebook_names_are_refused(tmp_path):
+    for kwargs, name in (
+        ({"only": ["02", "report_typo"]}, "report_typo"),
+        ({"overrides": {"triplet_trainig": {}}}, "triplet_trainig"),
+    ):
+        with pytest.raises(pipeline.PipelineError, match=f"'{name}': no such notebook.*01.*dataset_prep"):
+            pipeline.run_pipeline("smoke", output_dir=tmp_path, progress=False, **kwargs)
 
 
 def test_notebook_kernels_talk_over_encrypted_sockets(tmp_path, project_home, capfd):
@@ -362,3 +377,15 @@ def test_profile_parameters():
     assert smoke["seed"] == 5 and smoke["samples_per_class"] == 6
     with pytest.raises(pipeline.PipelineError, match="unknown profile"):
         pipeline.parameters_for(first, "huge")
+
+
+def test_the_pipeline_table_totals_each_profile_apart():
+    from fashsim.app.report import build_report
+
+    times = {
+        "01_dataset_prep": {"seconds": 60, "profile": "full", "finished": "2026-11-28 01:00:00"},
+        "02_triplet_training": {"seconds": 30, "profile": "smoke", "finished": "2026-11-27 09:00:00"},
+        "03_faiss_indexing": {"seconds": 60, "profile": "full", "finished": "2026-11-28 01:01:00"},
+    }
+    report = build_report({"pipeline": times})
+    assert "Total: 2.0 minutes (full profile), 0.5 minutes (smoke profile)." in report

@@ -100,11 +100,18 @@ def run_pipeline(
     notebooks = notebooks if notebooks is not None else course_notebooks()
     if not notebooks:
         raise PipelineError(f"no numbered notebooks found in {notebooks_dir()}")
+    names = {nb: {nb.stem[:2], notebook_key(nb), nb.stem} for nb in notebooks}
+    known = set().union(*names.values())
+    for what, asked in (("--only", only or ()), ("parameters for", overrides or {})):
+        unknown = [name for name in asked if name not in known]
+        if unknown:  # a typo would otherwise run the wrong notebooks, or drop a parameter without a word
+            raise PipelineError(
+                f"{what} {', '.join(map(repr, unknown))}: no such notebook; name one by number, key or file "
+                f"stem, e.g. {', '.join(sorted(n for n in known if len(n) == 2))} or "
+                f"{', '.join(notebook_key(nb) for nb in notebooks)}"
+            )
     if only:
-        wanted = set(only)
-        notebooks = [nb for nb in notebooks if {nb.stem[:2], notebook_key(nb), nb.stem} & wanted]
-        if not notebooks:
-            raise PipelineError(f"--only {', '.join(only)} matches no notebook")
+        notebooks = [nb for nb in notebooks if names[nb] & set(only)]
     output_dir = Path(output_dir) if output_dir is not None else reports_dir() / "executed"
     output_dir.mkdir(parents=True, exist_ok=True)
     executed = []
@@ -125,9 +132,14 @@ def run_pipeline(
             )
         except pm.PapermillExecutionError as exc:
             raise PipelineError(
-                f"notebook {notebook.name} failed in cell {exc.exec_count} (code cell #{exc.cell_index}): "
+                f"notebook {notebook.name} failed in its cell In [{exc.exec_count}]: "
                 f"{exc.ename}: {exc.evalue}\n  executed copy with the traceback: {target}"
             ) from None
+        except Exception as exc:  # noqa: BLE001 - e.g. nbclient's DeadKernelError: the kernel was killed (memory?)
+            raise PipelineError(
+                f"notebook {notebook.name} stopped: {type(exc).__name__}: {exc}\n"
+                f"  executed copy, up to where it stopped: {target}"
+            ) from exc
         seconds = time.perf_counter() - start
         update_results(
             "pipeline",

@@ -144,8 +144,19 @@ def build_report(
             {"notebook": nb, "seconds": t["seconds"], "profile": t["profile"], "finished": t["finished"]}
             for nb, t in sorted(times.items())
         ]
-        total = sum(t["seconds"] for t in times.values())
-        section("Pipeline run", markdown_table(rows), f"Total: {total / 60:.1f} minutes.")
+        totals: dict[str, float] = {}
+        for t in times.values():
+            totals[t["profile"]] = totals.get(t["profile"], 0.0) + t["seconds"]
+        section(
+            "Pipeline run",
+            markdown_table(rows),
+            "Total: "
+            + ", ".join(
+                f"{seconds / 60:.1f} minutes ({profile} profile)" for profile, seconds in sorted(totals.items())
+            )
+            + ". Each notebook's latest run; the report's own notebook writes this before its time is recorded, "
+            "so its row is that of its previous run.",
+        )
     data = results.get("dataset_prep")
     if data:
         section(
