@@ -61,14 +61,20 @@ def test_kaggle_fashion_product_images_layout(tmp_path):
     (tmp_path / "styles.csv").write_text("\n".join([header, *rows]) + "\n")
     for item in ("15970", "39386", "59263"):
         _write_png(tmp_path / "images" / f"{item}.jpg")
-    with pytest.warns(UserWarning, match="skipped 1 rows .*missing image"):
+    with pytest.warns(UserWarning) as caught:
         catalog = catalogs.load_csv_catalog(tmp_path / "styles.csv")
+    said = [str(w.message) for w in caught]
+    assert any("skipped 1 rows (1 missing image); missing under" in m and "11111.jpg" in m for m in said)
+    assert any("1 rows have more fields than the header (lines 4)" in m for m in said)  # the watch's name
     assert len(catalog) == 3
     assert catalog.class_names == ("Jeans", "Shirts", "Watches")  # articleType by default
     watch = catalog.extra[2]
     assert watch["productDisplayName"] == "Titan Women, Silver, Watch"
     assert watch["masterCategory"] == "Accessories"
-    by_master = catalogs.load_csv_catalog(tmp_path / "styles.csv", category_column="masterCategory", check_files=False)
+    with pytest.warns(UserWarning, match="more fields than the header"):
+        by_master = catalogs.load_csv_catalog(
+            tmp_path / "styles.csv", category_column="masterCategory", check_files=False
+        )
     assert by_master.class_names == ("Accessories", "Apparel")
 
 

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from fashsim.app import cli
 from fashsim.data import fashion_mnist
 
@@ -36,10 +38,28 @@ def test_missing_data_is_a_clean_error(tmp_path, capsys, monkeypatch):
 
 def test_run_failure_exit_code_names_notebook(tmp_path, monkeypatch, capsys):
     assert cli.main(["run", "--profile", "smoke", "--only", "no_such_notebook"]) == 1
-    assert "matches no notebook" in capsys.readouterr().err
+    assert "'no_such_notebook': no such notebook" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2():
     result = run_cli("run", "--profile", "enormous")
     assert result.returncode == 2 and "invalid choice" in result.stderr
     assert run_cli("run", "-p", "nodots").returncode == 2
+
+
+def test_values_that_cannot_work_are_refused_in_one_line(tmp_path, capsys):
+    from fashsim.data.fashion_mnist import load_train_val
+
+    for argv, said in (
+        (["train", "--epochs", "0", "--out", str(tmp_path / "m")], "epochs and embedding_dim must be ≥ 1"),
+        (["train", "--max-seconds", "-1", "--out", str(tmp_path / "m")], "max_seconds must be > 0"),
+        (["data", "--check", "--path", str(tmp_path / "nowhere")], "not found in the folder given"),
+    ):
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit):  # argparse: a usage error, exit 2
+        cli.main(["index", "--max-per-split", "0"])
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        load_train_val(val_fraction=0)

@@ -278,7 +278,7 @@ def test_sharded_embedding_matches_one_process_and_redoes_only_missing_shards(fm
     assert np.array_equal(ids, np.arange(2000)) and not unreadable
 
 
-def test_sharded_embedding_of_an_image_folder(fmnist_train, random_model, tmp_path):
+def test_sharded_embedding_of_an_image_folder(fmnist_train, random_model, tmp_path, capsys):
     """Files decoded like load_catalog_images; an unreadable file is left out (and said); another
     model makes every shard stale."""
     from PIL import Image
@@ -309,3 +309,12 @@ def test_sharded_embedding_of_an_image_folder(fmnist_train, random_model, tmp_pa
     torch.manual_seed(1)
     other = EmbeddingNet("small_cnn").eval()
     assert embed_shards(other, catalog, tmp_path / "shards", shard_size=10, rank=0, world_size=1).embedded == [0, 1, 2]
+    # other shard sizes in the same folder: the earlier run's surplus shards go, the merge works
+    bigger = embed_shards(other, catalog, tmp_path / "shards", shard_size=20, rank=0, world_size=1, progress=True)
+    assert bigger.embedded == [0, 1] and sorted(p.stem for p in (tmp_path / "shards").glob("shard-*.json")) == [
+        "shard-00000",
+        "shard-00001",
+    ]
+    vectors, ids, unreadable, _ = read_shards(tmp_path / "shards")
+    assert np.array_equal(ids, readable) and len(unreadable) == 1
+    assert "removed 3 shards of an earlier run" in capsys.readouterr().out

@@ -283,6 +283,16 @@ def test_cli_search_and_evaluate_on_the_pipeline_outputs(smoke_run, tmp_path, fm
         [sys.executable, "-m", "fashsim", "search", str(page)], capture_output=True, text=True, env=env
     )
     assert refused.returncode == 1 and "HTML" in refused.stderr and "Traceback" not in refused.stderr
+    for args, said in (
+        (
+            ["search", str(query), "--category", "dress"],
+            "no category 'dress' in the collection (did you mean 'Dress'?)",
+        ),
+        (["search", str(query), "--model", str(home / "data/models/triplet/checkpoint.pt")], "training checkpoint"),
+        (["index", "--max-per-split", "50", "--out", str(query)], "File exists"),  # a file where a folder goes
+    ):
+        wrong = subprocess.run([sys.executable, "-m", "fashsim", *args], capture_output=True, text=True, env=env)
+        assert wrong.returncode == 1 and said in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
     scores = subprocess.run([sys.executable, "-m", "fashsim", "evaluate"], capture_output=True, text=True, env=env)
     assert scores.returncode == 0 and json.loads(scores.stdout)["recall@1"] > 0.6
     # the same model's index in the Milvus store (Milvus Lite), searched through the same command

@@ -215,6 +215,13 @@ def test_metadata_filters(store_kit, data):
             collection.search(queries, K, where=expression)
 
 
+def test_a_k_beyond_the_collection_returns_every_item(data):
+    vectors, records, ids, queries = data
+    collection = build_collection(vectors, records, kind="flat")
+    (hits,) = collection.search(queries[:1], 10**9)  # no queries × 10⁹ arrays: as deep as the collection
+    assert [h.id for h in hits] == exact_top(vectors, ids, queries[:1], N)[0][0]
+
+
 # ---------------------------------------------------------------- add, remove, upsert
 @both_stores
 def test_add_remove_upsert(store_kit, data):

@@ -31,11 +31,18 @@ def _parse_override(text: str) -> tuple[str, str, object]:
     return notebook, param, parsed
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text}")
+    return value
+
+
 def _cmd_data(args) -> int:
     from ..data import fashion_mnist
 
     if args.download:
-        folder = fashion_mnist.download_fashion_mnist()
+        folder = fashion_mnist.download_fashion_mnist(args.path)
         print(f"Fashion-MNIST: {folder}")
         return 0
     folder = fashion_mnist.find_fashion_mnist(args.path)
@@ -74,6 +81,8 @@ def _cmd_train(args) -> int:
     result = train(config, train_set, val_set, out, resume=not args.fresh)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
+    if not result.best:
+        raise FashsimError(f"no epoch finished ({result.stopped}): no model was written to {out}")
     print(
         f"best epoch {result.best.get('epoch')}: val R@1 {result.best.get('val_recall@1', 0):.4f}, "
         f"MAP@R {result.best.get('val_map@r', 0):.4f}; model: {out}/model.pt ({result.stopped})"
@@ -105,6 +114,7 @@ def _cmd_search(args) -> int:
     searcher = open_searcher(
         args.model or default_model_path(), args.index or default_index_dir(), store=args.store, threads=1
     )
+    searcher.require_category(args.category)
     hits = searcher.search(args.image, k=args.k, category=args.category)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
@@ -195,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="index folder, Milvus Lite .db file or Milvus URI (default data/index/fashion-mnist)"
     )
     index.add_argument("--store", choices=["faiss", "milvus"], help="vector store (default: $FASHSIM_STORE or faiss)")
-    index.add_argument("--max-per-split", type=int, metavar="N", help="index only the first N images of each split")
+    index.add_argument(
+        "--max-per-split", type=_positive_int, metavar="N", help="index only the first N images of each split"
+    )
     index.set_defaults(func=_cmd_index)
 
     search = sub.add_parser("search", help="the catalog items most similar to an image")
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FashsimError, ValueError) as exc:  # bad data, files or argument values: a message, no traceback
+    except (FashsimError, ValueError, OSError) as exc:  # bad data, files, paths or values: a message, no traceback
         print(f"fashsim: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

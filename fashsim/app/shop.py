@@ -727,6 +727,7 @@ def _cmd_search(args) -> int:
     from ..search.filters import parse_conditions
 
     searcher = open_shop(args.shop, threads=1)
+    searcher.require_category(args.category)
     where = parse_conditions(args.where, searcher.collection.metadata.field_kinds()) if args.where else None
     hits = searcher.search(args.image, k=args.k, category=args.category, where=where)
     if args.json:

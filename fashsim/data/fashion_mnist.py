@@ -87,7 +87,11 @@ def _has_all_files(folder: Path) -> bool:
 
 
 def find_fashion_mnist(path: str | os.PathLike | None = None) -> Path | None:
-    """The first folder in the search order that holds all four files, or None."""
+    """The first folder in the search order that holds all four files, or None. An explicit
+    ``path`` is the only folder looked at: a wrong one is never silently replaced by another."""
+    if path is not None:
+        folder = Path(path).expanduser()
+        return folder if _has_all_files(folder) else None
     for _, folder in candidate_dirs(path):
         if folder is not None and _has_all_files(folder):
             return folder
@@ -155,6 +159,15 @@ def download_fashion_mnist(
 
 def not_found_message(path, download_failures: list[str] | None) -> str:
     """The "not found" explanation: every place searched and every way to provide the files."""
+    if path is not None:  # an explicit folder is the only one looked at (find_fashion_mnist)
+        folder = Path(path).expanduser()
+        state = "incomplete" if folder.is_dir() else "missing"
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        return (
+            f"Fashion-MNIST was not found in the folder given, {folder} ({state}: it needs the four files "
+            f"{', '.join(MD5)}; it holds {', '.join(present[:8]) or 'nothing'}). Give the folder that holds "
+            "them, or leave the path out to use the usual search order (python -m fashsim data --where)."
+        )
     lines = ["Fashion-MNIST was not found. fashsim looked in:"]
     for origin, folder in candidate_dirs(path):
         if folder is None:
@@ -215,7 +228,7 @@ def load_fashion_mnist(
     if folder is None:
         if not download:
             raise DatasetNotFoundError(not_found_message(path, None))
-        folder = download_fashion_mnist()
+        folder = download_fashion_mnist(path)
     images_file, labels_file = (folder / name for name in FILES[split])
     images = read_idx(images_file)
     labels = read_idx(labels_file).astype(np.int64)
@@ -236,9 +249,14 @@ def load_train_val(
     from .course_splits import DEFAULT_SEED, DEFAULT_VAL_FRACTION, load_course_train_val
     from .splits import train_val_test_split
 
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ValueError(
+            f"val_fraction must lie between 0 and 1 (the validation part picks the best epoch), got {val_fraction}"
+        )
+
     if path is None and val_fraction in (None, DEFAULT_VAL_FRACTION) and seed in (None, DEFAULT_SEED):
         return load_course_train_val()
     full = load_fashion_mnist("train", path)
-    parts = train_val_test_split(full.labels, val_fraction=val_fraction or DEFAULT_VAL_FRACTION,
+    parts = train_val_test_split(full.labels, val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
                                  seed=DEFAULT_SEED if seed is None else seed)
     return full.subset(parts["train"]), full.subset(parts["val"])

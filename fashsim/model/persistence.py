@@ -48,16 +48,20 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         config = blob["config"]
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise FashsimError(f"{path} is not a readable fashsim model ({exc})") from None
-    model = EmbeddingNet(
-        config["backbone"],
-        embedding_dim=config["embedding_dim"],
-        in_channels=config["in_channels"],
-        input_spec=InputSpec.from_dict(config["input_spec"]),
-        num_classes=config.get("num_classes", 0),
-        multi_scale=config.get("multi_scale", False),
-        flip_average=config.get("flip_average", False),
-        backbone_widths=config.get("backbone_widths"),
-    )
-    model.config["weights"] = config.get("weights")  # where it started; the state below is what it became
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model = EmbeddingNet(
+            config["backbone"],
+            embedding_dim=config["embedding_dim"],
+            in_channels=config["in_channels"],
+            input_spec=InputSpec.from_dict(config["input_spec"]),
+            num_classes=config.get("num_classes", 0),
+            multi_scale=config.get("multi_scale", False),
+            flip_average=config.get("flip_average", False),
+            backbone_widths=config.get("backbone_widths"),
+        )
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checkpoint.pt, or config and weights disagree
+        hint = " (a training checkpoint? load the model.pt beside it)" if "optimizer" in blob else ""
+        raise FashsimError(f"{path} is not a fashsim model this version can rebuild{hint}: {exc!r}"[:600]) from None
+    model.config["weights"] = config.get("weights")  # where it started; the state above is what it became
     return model.to(device).eval()

@@ -142,6 +142,24 @@ def _finished(shard_dir: Path, shard: int, expected: Mapping) -> bool:
     return vectors.is_file() and sha256_file(vectors) == manifest.get("vectors_sha256")
 
 
+def _remove_other_runs(shard_dir: Path, num_shards: int, total: int, model_print: str) -> list[str]:
+    """Delete the shards of another run (another shard count, item count or model) left in
+    ``shard_dir``, which :func:`read_shards` would otherwise refuse to merge with this run's;
+    returns their names."""
+    removed = []
+    for manifest_path in sorted(shard_dir.glob("shard-*.json")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            run = (manifest["num_shards"], manifest["total"], manifest["model_fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            run = None  # unreadable: this run rewrites it, or read_shards names it
+        if run is not None and run != (num_shards, total, model_print):
+            manifest_path.unlink(missing_ok=True)
+            manifest_path.with_suffix(".npz").unlink(missing_ok=True)
+            removed.append(manifest_path.stem)
+    return removed
+
+
 def _expected(
     source: Source,
     bounds: tuple[int, int],
@@ -236,6 +254,10 @@ def embed_shards(
     bounds = shard_bounds(total, shard_size)
     model_print = fingerprint(model)
     expected = [_expected(source, b, s, len(bounds), total, model_print) for s, b in enumerate(bounds)]
+    if rank == 0:  # another run's shards in the folder: this run replaces them
+        removed = _remove_other_runs(shard_dir, len(bounds), total, model_print)
+        if removed and progress:
+            print(f"removed {len(removed)} shards of an earlier run with other sizes or model: {', '.join(removed)}")
     group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if group:  # rank 0's view of what is missing, handed out round-robin
         box = [[s for s in range(len(bounds)) if not _finished(shard_dir, s, expected[s])] if rank == 0 else None]

@@ -145,7 +145,8 @@ class Collection:
         if where is not None:
             matching = self.metadata.ids_where(to_predicate(where))
             allowed = matching if allowed is None else np.intersect1d(allowed, matching)
-        scores, ids = self.index.search(queries, k, allowed_ids=allowed)
+        depth = min(k, max(1, len(self.index))) if k > 0 else k  # a huge k would allocate queries × k
+        scores, ids = self.index.search(queries, depth, allowed_ids=allowed)
         results = []
         for row_scores, row_ids in zip(scores, ids):
             valid = row_ids >= 0

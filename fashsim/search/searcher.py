@@ -19,6 +19,7 @@ import torch
 
 from ..data.transforms import prepare_image
 from ..data.uploads import load_image
+from ..errors import FashsimError
 from ..model.inference import embed_arrays
 from ..model.networks import EmbeddingNet
 from ..model.persistence import fingerprint, load_model
@@ -70,6 +71,18 @@ class Searcher:
     ) -> list[Hit]:
         """:meth:`search` for an image already in the model's format (what the demo shows)."""
         return self.collection.search(self.embed_prepared(prepared), k, category=category, where=where, log=log)[0]
+
+    def require_category(self, category: str | None) -> None:
+        """Raise a clear error when ``category`` (None: any) is not one the collection holds: a
+        search restricted to it would silently find nothing (for command lines; the demo offers
+        only the collection's own categories)."""
+        if category is not None and category not in (known := self.categories()):
+            close = [c for c in known if c.lower() == category.lower()]
+            raise FashsimError(
+                f"no category {category!r} in the collection"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; its categories are: {', '.join(known)}"
+            )
 
     def search(self, image, k: int = 10, *, category: str | None = None, where=None, log: bool = False) -> list[Hit]:
         """The ``k`` most similar catalog items, best first. Bad images raise

@@ -100,6 +100,10 @@ class TrainConfig:
             raise ValueError(f"P×K batches need p ≥ 2 and k ≥ 2 for triplets, got p={self.p}, k={self.k}")
         if self.ce_weight < 0 or self.margin < 0:
             raise ValueError("ce_weight and margin must be ≥ 0")
+        if self.epochs < 1 or self.embedding_dim < 1:
+            raise ValueError(f"epochs and embedding_dim must be ≥ 1, got {self.epochs} and {self.embedding_dim}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0 (None: no time budget), got {self.max_seconds}")
 
     @property
     def resolved_weights(self) -> str:
