@@ -240,6 +240,8 @@ def test_the_report_is_last_and_holds_every_notebooks_results(smoke_run):
     assert f"| triplet (ours) | {round(ours, 4):.4g} |" in report  # the table quotes the recorded results
     beyond = _results(home, "beyond_triplets")
     assert f"| {beyond['closed_set'][1]['variant']} | {beyond['closed_set'][1]['recall@1']:.4g} |" in report
+    shop = _results(home, "your_own_shop")["evaluation"]["methods"]["trained"]["test"]
+    assert f"| trained | {round(shop['style_recall@1'], 4):.4g} |" in report  # notebook 08's comparison
     for heading in (
         "Pipeline run",
         "Data",
@@ -251,6 +253,7 @@ def test_the_report_is_last_and_holds_every_notebooks_results(smoke_run):
         "Embedding space",
         "Search demo",
         "Beyond triplets",
+        "Your own shop: a colour catalog",
     ):
         assert f"## {heading}" in report, heading
     times = _results(home, "pipeline")

@@ -7,6 +7,7 @@ history, ``reports/benchmarks/*.json``, the figures): no number is typed by hand
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 SUMMARY_METRICS = ("recall@1", "recall@5", "map@r")
 
@@ -242,7 +243,27 @@ def build_report(
             "**Verdict**",
             *[f"* {setting}: " + "; ".join(v) for setting, v in beyond.get("verdict", {}).items()],
         )
+    shop = results.get("your_own_shop")
+    if shop and "evaluation" in shop:
+        from ..evaluation.shop import comparison_rows
+
+        build = shop.get("build", {})
+        evaluation = shop["evaluation"]
+        section(
+            "Your own shop: a colour catalog",
+            f"{build.get('indexed', '?')} items of `{Path(shop.get('catalog', '?')).name}`, "
+            f"{build.get('styles', '?')} styles (the same style = {' + '.join(build.get('label_columns', []))}), "
+            f"built in {build.get('seconds', {}).get('total', float('nan')):.0f} s; every method searched by the "
+            "items the model never trained on, each among the others (leave-one-out).",
+            markdown_table(comparison_rows(evaluation)),
+            *[f"* note: {note}" for note in evaluation.get("notes", [])],
+            _figure(figures, "08_shop_results", "held-out queries and their nearest catalog items"),
+            _figure(figures, "08_shop_baselines", "the trained model against the baselines"),
+            _figure(figures, "08_shop_open_set", "styles never seen in training"),
+            _figure(figures, "08_shop_filters", "the same query with metadata filters"),
+        )
     known = {
+        "your_own_shop",
         "pipeline",
         "dataset_prep",
         "triplet_training",
