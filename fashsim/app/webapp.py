@@ -122,10 +122,12 @@ def resolve(collection: str | os.PathLike | None = None, model: str | os.PathLik
     collection = Path(collection).expanduser().resolve()
     model = model or os.environ.get(ENV_MODEL)
     if model is None:
-        shop_model = collection.parent / "model.pt"  # `fashsim shop build --out OUT`: OUT/model.pt + OUT/collection
-        if (collection / "model.pt").is_file():
-            model = collection / "model.pt"
-        elif shop_model.is_file() and (collection.parent / "build.json").is_file():
+        from .shop import BUILD_FILE, MODEL_FILE
+
+        shop_model = collection.parent / MODEL_FILE  # `fashsim shop build --out OUT`: OUT/model.pt + OUT/collection
+        if (collection / MODEL_FILE).is_file():
+            model = collection / MODEL_FILE
+        elif shop_model.is_file() and (collection.parent / BUILD_FILE).is_file():
             model = shop_model
         else:
             model = default_model

@@ -1,12 +1,12 @@
 """Fashion-MNIST: find it on disk, or download it with checksum verification, and load it.
 
-Search order (first folder holding the four idx files wins):
+A ``path`` argument is the only folder looked at (downloaded into when ``download=True``).
+Without one, the search order (first folder holding the four idx files wins):
 
-1. the ``path`` argument, when given;
-2. the folder named by the environment variable ``$FASHSIM_DATA``;
-3. ``<project>/data/raw/fashion-mnist``;
-4. ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``);
-5. download from the official Zalando URLs into ``<project>/data/raw/fashion-mnist``, each file
+1. the folder named by the environment variable ``$FASHSIM_DATA``;
+2. ``<project>/data/raw/fashion-mnist``;
+3. ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``);
+4. download from the official Zalando URLs into ``<project>/data/raw/fashion-mnist``, each file
    checked against its published MD5, when ``download=True`` and the machine is online.
 
 With no copy and no network, :class:`~fashsim.errors.DatasetNotFoundError` lists these options.
@@ -71,11 +71,10 @@ def default_download_dir() -> Path:
     return data_dir() / "raw" / "fashion-mnist"
 
 
-def candidate_dirs(path: str | os.PathLike | None = None) -> list[tuple[str, Path | None]]:
-    """The folders searched, in order, each with a human-readable origin."""
+def candidate_dirs() -> list[tuple[str, Path | None]]:
+    """The folders searched when no path is given, in order, each with a human-readable origin."""
     env = os.environ.get(ENV_VAR)
     return [
-        ("path argument", Path(path).expanduser() if path is not None else None),
         (f"${ENV_VAR}", Path(env).expanduser() if env else None),
         ("project data folder", default_download_dir()),
         ("Debian package dataset-fashion-mnist", SYSTEM_DIR),
@@ -92,7 +91,7 @@ def find_fashion_mnist(path: str | os.PathLike | None = None) -> Path | None:
     if path is not None:
         folder = Path(path).expanduser()
         return folder if _has_all_files(folder) else None
-    for _, folder in candidate_dirs(path):
+    for _, folder in candidate_dirs():
         if folder is not None and _has_all_files(folder):
             return folder
     return None
@@ -169,7 +168,7 @@ def not_found_message(path, download_failures: list[str] | None) -> str:
             "them, or leave the path out to use the usual search order (python -m fashsim data --where)."
         )
     lines = ["Fashion-MNIST was not found. fashsim looked in:"]
-    for origin, folder in candidate_dirs(path):
+    for origin, folder in candidate_dirs():
         if folder is None:
             lines.append(f"  - {origin}: not set")
         else:
