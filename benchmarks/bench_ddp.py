@@ -112,7 +112,7 @@ def worker_step(args) -> None:
         run.sampler.set_epoch(0)
         indices = next(iter(run.sampler))
         run.model.train()
-        stats = run.step(run.make_batch(indices), 0.0)
+        stats = training.stats_to_floats(run.step(run.make_batch(indices), 0.0))
         if run.is_main:
             torch.save(
                 {
@@ -131,7 +131,7 @@ def _single_step(order, device: str) -> tuple[dict, dict]:
             _config(device, augment=False, amp=False), train_set, val_set, Path(out), progress=False, feature_cache=None
         )
         run.model.train()
-        stats = run.step(run.make_batch(order), 0.0)
+        stats = training.stats_to_floats(run.step(run.make_batch(order), 0.0))
         return stats, {n: p.grad.cpu().clone() for n, p in run.model.named_parameters()}
 
 

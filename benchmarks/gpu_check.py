@@ -1,16 +1,18 @@
-"""GPU check (issue 15, item 3: "the GPU path, proven"): one script, about 5 minutes on one CUDA GPU
-(310 s on an H200: 170 s of training, the rest validation, the CPU resume and the searches).
+"""GPU check (issue 15, item 3: "the GPU path, proven"): one script, under 5 minutes on one CUDA GPU
+(on an H200: 150 s of optimisation steps, about 210 s of training with batch preparation, validation
+and checkpoints, then about 60 s for the quality, the CPU load-and-resume and the searches).
 
-    .venv/bin/python benchmarks/gpu_check.py [--max-seconds 170] [--augment-erase 0.5 ...] [--output reports/benchmarks/gpu.json]
+    .venv/bin/python benchmarks/gpu_check.py [--max-seconds 150] [--image-size 112 --k 64 ...] [--output reports/benchmarks/gpu.json]
 
 It trains the default triplet recipe with a ResNet-18 backbone (from scratch, Fashion-MNIST
-upscaled to 56 px) through fashsim's own training loop on CUDA, for a wall-clock budget, and checks:
+upscaled to 112 px) through fashsim's own training loop on CUDA, for a budget of optimisation
+seconds (``--max-seconds``; batch preparation, validation and checkpoints come on top), and checks:
 
 1. ``amp_training`` — float16 mixed precision on CUDA (``history.json`` says ``precision:
    float16``, the gradient scaler is active): the loss falls, nothing is NaN, images per second;
 2. ``quality`` — Recall@1 / Recall@5 / MAP@R, leave-one-out on the 10k Fashion-MNIST test split
    (flip-averaged, the default, and the same weights without), against the goal R@1 ≥ 0.95
-   within ~3.5 minutes of training;
+   within 210 s of training wall-clock;
 3. ``checkpoint_gpu_to_cpu`` — the ``model.pt`` written on the GPU loads with
    ``load_model(path, device="cpu")`` and gives the GPU's float32 embeddings (max abs diff
    < 1e-3; the GPU side computed with TF32 off, the TF32 default reported too), and
@@ -44,6 +46,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "reports" / "benchmarks" / "gpu.json"
 GOAL_R1 = 0.95
+#: the goal's time: training as the clock on the wall sees it (batch preparation, validation and
+#: checkpoints included), leaving the rest of the 5 minutes to the checks
+GOAL_TRAIN_WALL_SECONDS = 210
 EMBEDDING_TOLERANCE = 1e-3  # max abs difference of unit-length float32 embeddings, GPU vs CPU
 
 
@@ -68,23 +73,29 @@ class Report:
 
 
 def gpu_recipe():
-    """The GPU recipe: ResNet-18 from scratch at 56 px (Fashion-MNIST upscaled 2×), large P×K batches,
-    batch-all mining + cross-entropy on the BN-neck, stronger augmentation, float16 AMP."""
+    """The GPU recipe: ResNet-18 from scratch at 112 px (Fashion-MNIST upscaled 4×, so its stride-4
+    stem leaves 28×28 maps), large P×K batches, batch-all mining + cross-entropy on the BN-neck,
+    stronger augmentation, float16 AMP.
+
+    Measured on an H200 (``benchmarks/results/``): one step costs about as much at 112 px as at 56 px
+    (17–18 ms for 320 images: the loop is bound by launching kernels, not by the GPU's arithmetic),
+    so the larger images are nearly free and the larger batch (640) doubles images per second."""
     from fashsim.train import TrainConfig
 
     return TrainConfig.budgeted(
-        170,
+        150,
         backbone="resnet18",
         weights="random",
-        image_size=56,
+        image_size=112,
         p=10,
-        k=32,
+        k=64,
         mining="batch_all",
         ce_weight=0.5,
         lr=1e-3,
         weight_decay=0.05,
         augment_shift=6,
         augment_erase=0.5,
+        val_every=10,  # validation and checkpoint every 10 epochs (and after the last): more of the 5 minutes train
         device="cuda",
         amp=True,
     )
@@ -275,7 +286,16 @@ def check_training(args, workdir: Path, context: dict) -> dict:
         "per_epoch": [
             {
                 k: _round(h[k]) if isinstance(h[k], float) else h[k]
-                for k in ("epoch", "train_loss", "val_recall@1", "val_map@r", "images_per_second", "train_seconds")
+                for k in (
+                    "epoch",
+                    "train_loss",
+                    "val_recall@1",
+                    "val_map@r",
+                    "validation_seconds",
+                    "images_per_second",
+                    "train_seconds",
+                )
+                if k in h
             }
             for h in history
         ],
@@ -300,7 +320,7 @@ def check_quality(args, workdir: Path, context: dict) -> dict:
     flip = scores if own else other
     context["test_embeddings"] = embeddings
     r1 = scores["recall@1"]
-    train_seconds = history[-1]["train_seconds"]
+    train_seconds, train_wall = history[-1]["train_seconds"], context["train_wall"]
     return {
         "ok": bool(np.isfinite(embeddings).all()),
         "protocol": "leave-one-out on the Fashion-MNIST test split (10000 images), cosine, fashsim.evaluation.metrics.retrieval_metrics",
@@ -313,14 +333,15 @@ def check_quality(args, workdir: Path, context: dict) -> dict:
         "without_flip_average" if own else "with_flip_average": {
             k: _round(other[k]) for k in ("recall@1", "recall@5", "map@r")
         },
-        "goal": f"R@1 >= {GOAL_R1} in <= 210 s of training on one GPU",
-        "goal_met": bool(r1 >= GOAL_R1 and train_seconds <= 210),
-        "goal_met_with_flip_average": bool(flip["recall@1"] >= GOAL_R1 and train_seconds <= 210),
+        "goal": f"R@1 >= {GOAL_R1} within {GOAL_TRAIN_WALL_SECONDS} s of training wall-clock on one GPU",
+        "goal_met": bool(r1 >= GOAL_R1 and train_wall <= GOAL_TRAIN_WALL_SECONDS),
+        "goal_met_with_flip_average": bool(flip["recall@1"] >= GOAL_R1 and train_wall <= GOAL_TRAIN_WALL_SECONDS),
         "best_epoch": result.best.get("epoch"),
         "best_val_recall@1": _round(result.best.get("val_recall@1")),
         "best_val_map@r": _round(result.best.get("val_map@r")),
         "epochs": len(history),
         "train_seconds": round(train_seconds, 1),
+        "train_wall_seconds": round(train_wall, 1),
         "images_per_second": round(sum(h["images"] for h in history) / train_seconds, 1),
     }
 

@@ -51,7 +51,7 @@ def test_values_that_cannot_work_are_refused_in_one_line(tmp_path, capsys):
     from fashsim.data.fashion_mnist import load_train_val
 
     for argv, said in (
-        (["train", "--epochs", "0", "--out", str(tmp_path / "m")], "epochs and embedding_dim must be ≥ 1"),
+        (["train", "--epochs", "0", "--out", str(tmp_path / "m")], "epochs, embedding_dim and val_every must be ≥ 1"),
         (["train", "--max-seconds", "-1", "--out", str(tmp_path / "m")], "max_seconds must be > 0"),
         (["data", "--check", "--path", str(tmp_path / "nowhere")], "not found in the folder given"),
     ):

@@ -112,7 +112,7 @@ STEP = """
         run.sampler.set_epoch(0)
         mine = next(iter(run.sampler))
         run.model.train()
-        stats = run.step(run.make_batch(mine), 0.0)
+        stats = training.stats_to_floats(run.step(run.make_batch(mine), 0.0))
         torch.save({"stats": stats, "indices": mine, "global": next(run.sampler.global_batches()),
                     "grads": {n: p.grad for n, p in run.model.named_parameters()},
                     "buffers": dict(run.model.named_buffers())}, out / f"{name}-rank{run.rank}.pt")
@@ -140,7 +140,7 @@ def test_one_distributed_step_equals_one_process_on_the_global_batch(fmnist_trai
         config = training.TrainConfig(p=10, k=8, augment=False, amp=False, device="cpu", lr_warmup_steps=1, **settings)
         run = training._Run(config, train_set, val_set, tmp_path / f"single-{name}", progress=False, feature_cache=None)
         run.model.train()
-        stats = run.step(run.make_batch(order), 0.0)
+        stats = training.stats_to_floats(run.step(run.make_batch(order), 0.0))
         for key, value in stats.items():
             assert ranks[0]["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
         assert abs(ranks[0]["stats"]["loss"] - stats["loss"]) <= 2e-5 * max(1.0, abs(stats["loss"]))

@@ -1,4 +1,5 @@
 import io
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -161,6 +162,21 @@ def test_to_tensor_normalises_and_adapts_channels(fmnist_test):
         images.to_tensor(np.zeros((2, 3, 4, 5, 6), np.uint8), images.FASHION_MNIST_SPEC)
 
 
+def test_normalise_batch_matches_a_numpy_reference_for_every_channel_conversion():
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    imagenet28 = replace(images.IMAGENET_SPEC, size=28)
+    for batch, spec, planes in (
+        (rgb, imagenet28, rgb / 255.0),
+        (grey, imagenet28, np.repeat(grey[..., None], 3, axis=-1) / 255.0),
+        (rgb, images.FASHION_MNIST_SPEC, (rgb / 255.0) @ np.array([0.299, 0.587, 0.114])[:, None]),
+        (grey, images.FASHION_MNIST_SPEC, grey[..., None] / 255.0),
+    ):
+        expected = ((planes - np.array(spec.mean)) / np.array(spec.std)).transpose(0, 3, 1, 2)
+        ours = images.normalise_batch(torch.from_numpy(batch), spec)
+        assert ours.shape == expected.shape and np.allclose(ours.numpy(), expected, atol=1e-5)
+
+
 def test_augment_batch_is_seeded_and_keeps_shape(fmnist_test):
     x = images.to_tensor(fmnist_test.images[:16], images.FASHION_MNIST_SPEC)
     a = images.augment_batch(x, torch.Generator().manual_seed(1))
@@ -179,6 +195,44 @@ def test_random_erasing_blanks_a_rectangle_with_the_background(fmnist_test):
     assert (changed <= 0.2 * 28 * 28 + 28).all()
     untouched = images.augment_batch(x, torch.Generator().manual_seed(2), max_shift=0, flip=False, erase=0.0)
     assert torch.equal(untouched, x)
+
+
+def _augment_reference(x, draws, max_shift, erase):
+    """The augmentation written image by image, as pad-and-crop and slice assignment (the
+    implementation :func:`augment_batch` replaced), from the same random numbers."""
+    n, _, h, w = x.shape
+    background = float(x.min())
+    out = []
+    for i in range(n):
+        img = x[i].flip(-1) if draws[i, 0] < 0.5 else x[i]
+        if max_shift:
+            span = 2 * max_shift + 1
+            dx, dy = (min(int(draws[i, c] * span), span - 1) for c in (1, 2))
+            padded = torch.nn.functional.pad(img, (max_shift,) * 4, value=background)
+            img = padded[:, dy : dy + h, dx : dx + w]
+        img = img.clone()
+        if draws[i, 3] < erase:
+            area = (float(draws[i, 4]) * 0.18 + 0.02) * h * w
+            aspect = math.exp(float(draws[i, 5]) * 2.4 - 1.2)
+            eh = max(1, min(h, round((area * aspect) ** 0.5)))
+            ew = max(1, min(w, round((area / aspect) ** 0.5)))
+            top, left = int(float(draws[i, 6]) * (h - eh + 1)), int(float(draws[i, 7]) * (w - ew + 1))
+            img[:, top : top + eh, left : left + ew] = background
+        out.append(img)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("max_shift, erase", [(2, 0.0), (6, 0.5), (0, 1.0), (3, 1.0)])
+def test_augment_batch_matches_the_image_by_image_reference(fmnist_test, max_shift, erase):
+    x = images.to_tensor(fmnist_test.images[:48], images.FASHION_MNIST_SPEC)
+    draws = images.augment_draws(len(x), torch.Generator().manual_seed(max_shift))
+    ours = images.augment_batch(x, draws=draws, max_shift=max_shift, erase=erase)
+    reference = _augment_reference(x, draws, max_shift, erase)
+    assert torch.allclose(ours, reference, atol=1e-6)
+    assert ours.is_contiguous()
+    shifted = images.augment_batch(x, draws=draws, max_shift=max_shift, flip=False)
+    if max_shift:  # the shifts of both directions and sizes all occur
+        assert not torch.equal(shifted, x)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

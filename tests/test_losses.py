@@ -59,7 +59,7 @@ def test_batch_all_matches_pml(metric):
     triplets = miners.TripletMarginMiner(margin=0.3, type_of_triplets="all", distance=distance)(x, labels)
     reference = pml_losses.TripletMarginLoss(margin=0.3, distance=distance)(x, labels, triplets)  # AvgNonZero
     assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
-    assert ours.stats["triplets"] == 6 * 4 * 3 * 20  # anchors × positives × negatives
+    assert ours.floats()["triplets"] == 6 * 4 * 3 * 20  # anchors × positives × negatives
 
 
 @pytest.mark.parametrize("mining,type_of_triplets", [("batch_all", "all"), ("semi_hard", "semihard")])
@@ -82,7 +82,7 @@ def test_uneven_classes_match_pml(mining, type_of_triplets):
     assert torch.allclose(g_ours, g_ref, atol=1e-5)
     if mining == "batch_all":  # Σ over anchors of positives × negatives
         counts = torch.bincount(labels)
-        assert ours.stats["triplets"] == int((counts * (counts - 1) * (17 - counts)).sum())
+        assert ours.floats()["triplets"] == int((counts * (counts - 1) * (17 - counts)).sum())
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -94,7 +94,7 @@ def test_semi_hard_matches_pml(metric):
     reference = pml_losses.TripletMarginLoss(margin=0.5, distance=distance, reducer=reducers.MeanReducer())(
         x, labels, triplets
     )
-    assert len(triplets[0]) == ours.stats["triplets"] > 0
+    assert len(triplets[0]) == ours.floats()["triplets"] > 0
     assert ours.loss.item() == pytest.approx(reference.item(), abs=1e-5)
 
 
@@ -105,9 +105,9 @@ def test_hand_made_batch_hard():
     out = losses.batch_hard_triplet_loss(x, labels, margin=0.2)
     # anchor 0: hp=1, hn=1.5 -> 0 ; anchor 1: hp=1, hn=0.5 -> 0.7 ; anchor 2: hp=2.5, hn=0.5 -> 2.2 ; anchor 3: hp=2.5, hn=3 -> 0
     assert out.loss.item() == pytest.approx((0 + 0.7 + 2.2 + 0) / 4)
-    assert out.stats["active_fraction"] == pytest.approx(0.5)
-    assert out.stats["hardest_pos"] == pytest.approx((1 + 1 + 2.5 + 2.5) / 4)
-    assert out.stats["hardest_neg"] == pytest.approx((1.5 + 0.5 + 0.5 + 3) / 4)
+    assert out.floats()["active_fraction"] == pytest.approx(0.5)
+    assert out.floats()["hardest_pos"] == pytest.approx((1 + 1 + 2.5 + 2.5) / 4)
+    assert out.floats()["hardest_neg"] == pytest.approx((1.5 + 0.5 + 0.5 + 3) / 4)
 
 
 def test_hand_made_batch_all_and_semi_hard():
@@ -117,11 +117,11 @@ def test_hand_made_batch_all_and_semi_hard():
     # a2: (2.5-1.5+1)=2,(2.5-.5+1)=3 ; a3: (2.5-4+1)=0,(2.5-3+1)=.5  -> non-zero: .5,1.5,2,3,.5
     out = losses.batch_all_triplet_loss(x, labels, margin=1.0)
     assert out.loss.item() == pytest.approx((0.5 + 1.5 + 2 + 3 + 0.5) / 5)
-    assert out.stats["active_fraction"] == pytest.approx(5 / 8)
+    assert out.floats()["active_fraction"] == pytest.approx(5 / 8)
     semi = losses.semi_hard_triplet_loss(x, labels, margin=1.0)
     # semi-hard: d(a,p) < d(a,n) < d(a,p)+1 -> a0 with n=1.5 (gap -.5) and a3 with n=3 (gap -.5)
     assert semi.loss.item() == pytest.approx(0.5)
-    assert semi.stats["triplets"] == 2
+    assert semi.floats()["triplets"] == 2
 
 
 def test_collapsed_embeddings_give_margin_loss_and_zero_spread():
@@ -129,7 +129,7 @@ def test_collapsed_embeddings_give_margin_loss_and_zero_spread():
     labels = torch.arange(4).repeat_interleave(2)
     out = losses.batch_hard_triplet_loss(x, labels, margin=0.3)
     assert out.loss.item() == pytest.approx(0.3)
-    assert out.stats["hardest_pos"] == 0 and out.stats["hardest_neg"] == 0
+    assert out.floats()["hardest_pos"] == 0 and out.floats()["hardest_neg"] == 0
     out.loss.backward()
     assert torch.isfinite(x.grad).all()  # no NaN from sqrt at zero distance
 
@@ -137,7 +137,7 @@ def test_collapsed_embeddings_give_margin_loss_and_zero_spread():
 def test_batches_without_valid_triplets():
     x = torch.randn(4, 3, requires_grad=True)
     out = losses.batch_hard_triplet_loss(x, torch.tensor([0, 1, 2, 3]))
-    assert out.loss.item() == 0 and out.stats["valid_anchors"] == 0
+    assert out.loss.item() == 0 and out.floats()["valid_anchors"] == 0
     out.loss.backward()
 
 
@@ -163,7 +163,7 @@ def test_angular_matches_pml(alpha, seed):
     (g_ours,) = torch.autograd.grad(ours.loss, raw, retain_graph=True)
     (g_ref,) = torch.autograd.grad(reference, raw)
     assert torch.allclose(g_ours, g_ref, atol=1e-5)
-    assert ours.stats["pairs"] == 6 * 4 * 3
+    assert ours.floats()["pairs"] == 6 * 4 * 3
 
 
 def test_angular_hand_made():
@@ -179,6 +179,6 @@ def test_angular_hand_made():
     expected = (math.log1p(math.exp(f_ap)) + math.log1p(math.exp(f_pa))) / 2
     out = losses.angular_loss(x, labels, alpha_degrees=45.0)
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
-    assert out.stats["active_fraction"] == 1.0  # n is close to the pair's midpoint: 4·0.8 − 4·0.6 > 0
+    assert out.floats()["active_fraction"] == 1.0  # n is close to the pair's midpoint: 4·0.8 − 4·0.6 > 0
     far = losses.angular_loss(torch.stack([a, p, -a]), labels, alpha_degrees=45.0)
-    assert far.stats["active_fraction"] == 0.0 and far.loss.item() < out.loss.item()
+    assert far.floats()["active_fraction"] == 0.0 and far.loss.item() < out.loss.item()

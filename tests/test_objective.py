@@ -8,7 +8,7 @@ from fashsim.model.networks import EmbeddingNet
 from fashsim.train import TrainConfig
 from fashsim.train.config import setting_defaults
 from fashsim.train.losses import angular_loss, triplet_loss
-from fashsim.train.objective import Batch, compute_loss, mining_at
+from fashsim.train.objective import Batch, compute_loss, mining_at, stats_to_floats
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def _reference_embeddings(model, batch):
 def test_triplet_loss_for_every_mining(model_and_batch, mining, metric):
     model, batch = model_and_batch
     loss, stats = compute_loss(TrainConfig(mining=mining, metric=metric, margin=0.3), model, batch, step=0)
+    stats = stats_to_floats(stats)
     _, embeddings = _reference_embeddings(model, batch)
     expected = triplet_loss(embeddings, batch.labels, mining=mining, margin=0.3, metric=metric)
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-6)
@@ -61,6 +62,7 @@ def test_warmup_mining_switches_at_warmup_steps(model_and_batch):
 def test_ce_weight_adds_cross_entropy_on_the_neck(model_and_batch):
     model, batch = model_and_batch
     loss, stats = compute_loss(TrainConfig(mining="batch_hard", ce_weight=0.5), model, batch, step=0)
+    stats = stats_to_floats(stats)
     raw, embeddings = _reference_embeddings(model, batch)
     ce = F.cross_entropy(model.classifier(raw), batch.labels).item()
     metric = triplet_loss(embeddings, batch.labels, mining="batch_hard").loss.item()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fashsim.app import viz
 from fashsim.app.report import training_rows
 from fashsim.errors import FashsimError
 from fashsim.model.persistence import load_model
@@ -186,6 +187,26 @@ def test_time_budget_stops(tiny_data, tmp_path):
     )
     assert result.stopped == "time budget" and len(result.history) < 50
     assert json.loads((tmp_path / "history.json").read_text())["precision"] == "float32"
+
+
+def test_val_every_validates_and_checkpoints_every_n_epochs_and_after_the_last(tiny_data, tmp_path):
+    train_set, val_set = tiny_data[0].subset(range(800)), tiny_data[1]
+    config = training.TrainConfig(**TINY | {"epochs": 5, "val_every": 2, "patience": 1})
+    result = training.train(config, train_set, val_set, tmp_path, progress=False)
+    validated = [r["epoch"] for r in result.history if "val_map@r" in r]
+    assert validated[:2] == [2, 4] and len(result.history) in (4, 5)  # patience 1 counts validations
+    assert all("train_loss" in r and "images_per_second" in r for r in result.history)
+    assert all(r["validation_seconds"] >= 0 for r in result.history if "val_map@r" in r)
+    if len(result.history) == 5:
+        assert validated == [2, 4, 5]  # the last epoch is always validated
+    blob = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert blob["state"]["epoch"] == validated[-1]  # checkpoints are written with validations
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert len(saved["history"]) == len(result.history) and saved["best"]["epoch"] in validated
+    figure = viz.training_curves(result.history)  # the curves plot the validated epochs only
+    assert [list(line.get_xdata()) for line in figure.axes[2].lines] == [validated, validated]
+    with pytest.raises(ValueError, match="val_every"):
+        training.TrainConfig(val_every=0)
 
 
 SCRIPT = textwrap.dedent("""

@@ -160,8 +160,9 @@ def training_curves(history: Sequence[Mapping], *, title: str = "Training"):
         )
     axes[1].set_title("mining statistics")
     axes[1].legend(fontsize=8)
+    validated = [h for h in history if "val_map@r" in h]  # every val_every epochs
     for key, label in (("val_recall@1", "val Recall@1"), ("val_map@r", "val MAP@R")):
-        axes[2].plot(epochs, [h[key] for h in history], marker="o", label=label)
+        axes[2].plot([h["epoch"] for h in validated], [h[key] for h in validated], marker="o", label=label)
     axes[2].set_title("validation")
     axes[2].legend(fontsize=8)
     for ax in axes:

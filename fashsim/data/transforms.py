@@ -132,13 +132,13 @@ def normalise_batch(images, spec: InputSpec):
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"expected a batch of images (N, H, W[, C]), got shape {tuple(images.shape)}")
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[1] == 1 and spec.channels == 3:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] == 3 and spec.channels == 1:
-        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return resize_batch((x - mean) / std, spec.size)
+    if x.shape[1] == 3 and spec.channels == 1:
+        x = x[:, 0:1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114
+    source = [min(c, x.shape[1] - 1) for c in range(spec.channels)]  # greyscale is repeated to RGB
+    # per-channel arithmetic with Python numbers: a mean/std tensor made here would be a copy from the
+    # host, and such a copy waits for everything queued on the GPU (at every training step)
+    planes = [(x[:, c : c + 1] - m) / s for c, m, s in zip(source, spec.mean, spec.std)]
+    return resize_batch(planes[0] if len(planes) == 1 else torch.cat(planes, dim=1), spec.size)
 
 
 def resize_batch(x, size: int):
@@ -151,34 +151,61 @@ def resize_batch(x, size: int):
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def augment_batch(x, generator=None, *, max_shift: int = 2, flip: bool = True, erase: float = 0.0):
-    """Train-time augmentation of a batch ``(N, C, H, W)``, on any device: random horizontal flips,
-    random translations of up to ``max_shift`` pixels (padded with the batch minimum, the
-    background), and with probability ``erase`` a random rectangle of 2–20 % of the image set to
-    the background (random erasing, Zhong et al. 2020)."""
+#: columns of :func:`augment_draws`: one uniform number in [0, 1) per image and decision
+AUGMENT_DRAWS = ("flip", "shift_x", "shift_y", "erase", "erase_area", "erase_aspect", "erase_top", "erase_left")
+
+
+def augment_draws(n: int, generator=None):
+    """The random numbers :func:`augment_batch` needs for ``n`` images, ``(n, 8)`` uniform in [0, 1)
+    (columns: :data:`AUGMENT_DRAWS`). Drawing a whole epoch's at once on the CPU and moving them to
+    the GPU in one copy keeps the training loop from waiting on the device at every step."""
     import torch
-    import torch.nn.functional as F
+
+    return torch.rand(n, len(AUGMENT_DRAWS), generator=generator)
+
+
+def augment_batch(x, generator=None, *, draws=None, max_shift: int = 2, flip: bool = True, erase: float = 0.0):
+    """Train-time augmentation of a batch ``(N, C, H, W)``, on any device: random horizontal flips,
+    random translations of up to ``max_shift`` pixels (uncovered pixels take the batch minimum, the
+    background), and with probability ``erase`` a random rectangle of 2–20 % of the image set to
+    the background (random erasing, Zhong et al. 2020).
+
+    The random numbers are ``draws`` (see :func:`augment_draws`) or drawn from ``generator``. The
+    whole batch is transformed at once: no per-image loop and no device synchronisation."""
+    import torch
 
     n, _, h, w = x.shape
+    if draws is None:
+        draws = augment_draws(n, generator)
+    u = draws.to(device=x.device, dtype=torch.float32)
+    background = x.amin()
     if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
-        x = torch.where(mask.to(x.device).view(n, 1, 1, 1), x.flip(-1), x)
+        x = torch.where((u[:, 0] < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
     if max_shift > 0:
-        padded = F.pad(x, (max_shift,) * 4, value=float(x.min()))
-        dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
-        dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
-        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        span = 2 * max_shift + 1
+        dx = (u[:, 1] * span).long().clamp_max(span - 1) - max_shift  # output (i, j) shows input (i + dy, j + dx)
+        dy = (u[:, 2] * span).long().clamp_max(span - 1) - max_shift
+        src_r = rows[None, :] + dy[:, None]  # (N, H)
+        src_c = cols[None, :] + dx[:, None]  # (N, W)
+        inside = ((src_r >= 0) & (src_r < h))[:, :, None] & ((src_c >= 0) & (src_c < w))[:, None, :]
+        picked = x[
+            torch.arange(n, device=x.device)[:, None, None],
+            :,
+            src_r.clamp(0, h - 1)[:, :, None],
+            src_c.clamp(0, w - 1)[:, None, :],
+        ]  # (N, H, W, C)
+        x = torch.where(inside[:, None], picked.permute(0, 3, 1, 2), background)
     if erase > 0:
-        chosen = (torch.rand(n, generator=generator) < erase).tolist()
-        area = (torch.rand(n, generator=generator) * 0.18 + 0.02).tolist()
-        aspect = torch.exp(torch.empty(n).uniform_(-1.2, 1.2, generator=generator)).tolist()
-        corner = torch.rand(n, 2, generator=generator).tolist()
-        background = float(x.min())
-        x = x.clone()
-        for i in range(n):
-            if chosen[i]:
-                eh = max(1, min(h, round((area[i] * h * w * aspect[i]) ** 0.5)))
-                ew = max(1, min(w, round((area[i] * h * w / aspect[i]) ** 0.5)))
-                top, left = int(corner[i][0] * (h - eh + 1)), int(corner[i][1] * (w - ew + 1))
-                x[i, :, top : top + eh, left : left + ew] = background
-    return x
+        area = (u[:, 4] * 0.18 + 0.02) * h * w
+        aspect = torch.exp(u[:, 5] * 2.4 - 1.2)
+        eh = torch.sqrt(area * aspect).round().clamp(1, h)
+        ew = torch.sqrt(area / aspect).round().clamp(1, w)
+        top = (u[:, 6] * (h - eh + 1)).floor()
+        left = (u[:, 7] * (w - ew + 1)).floor()
+        in_rows = (rows[None, :] >= top[:, None]) & (rows[None, :] < (top + eh)[:, None])
+        in_cols = (cols[None, :] >= left[:, None]) & (cols[None, :] < (left + ew)[:, None])
+        box = (u[:, 3] < erase)[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]
+        x = torch.where(box[:, None], background, x)
+    return x.contiguous()

@@ -17,7 +17,7 @@ from ..errors import FashsimError
 from ..fileio import atomic_torch_save
 
 #: settings that may differ between an interrupted run and its continuation.
-RESUMABLE_CHANGES = {"epochs", "max_seconds", "patience", "device", "amp"}
+RESUMABLE_CHANGES = {"epochs", "max_seconds", "patience", "device", "amp", "val_every"}
 
 
 class CheckpointMismatchError(FashsimError):

@@ -69,7 +69,9 @@ class TrainConfig:
     weight_decay: float = _setting(5e-4, "AdamW weight decay")
     lr_warmup_steps: int = _setting(100, "linear learning-rate warm-up steps")
     epochs: int = _setting(20, "maximum epochs")
-    max_seconds: float | None = _setting(None, "wall-clock budget of the optimisation (validation excluded)")
+    max_seconds: float | None = _setting(
+        None, "budget in seconds of optimisation steps (batch preparation, validation and checkpoints excluded)"
+    )
     patience: int | None = _setting(5, "early stopping on validation MAP@R (None: off)")
     augment: bool = _setting(True, "random flips and small shifts")
     augment_shift: int = _setting(2, "largest random shift in pixels of the model's input size")
@@ -79,6 +81,9 @@ class TrainConfig:
     amp: bool = _setting(True, "mixed precision: float16 on CUDA, bfloat16 on CPUs with native bf16")
     channels_last: bool = _setting(True, "channels-last memory format")
     val_max_items: int | None = _setting(6000, "validation subsample (None: all)")
+    val_every: int = _setting(
+        1, "validate, keep the best model and checkpoint every N epochs (and after the last); patience counts these"
+    )
 
     def __post_init__(self) -> None:
         if self.weights is None:  # None: from scratch, as EmbeddingNet(weights=None) says it
@@ -100,8 +105,11 @@ class TrainConfig:
             raise ValueError(f"P×K batches need p ≥ 2 and k ≥ 2 for triplets, got p={self.p}, k={self.k}")
         if self.ce_weight < 0 or self.margin < 0:
             raise ValueError("ce_weight and margin must be ≥ 0")
-        if self.epochs < 1 or self.embedding_dim < 1:
-            raise ValueError(f"epochs and embedding_dim must be ≥ 1, got {self.epochs} and {self.embedding_dim}")
+        if min(self.epochs, self.embedding_dim, self.val_every) < 1:
+            raise ValueError(
+                f"epochs, embedding_dim and val_every must be ≥ 1, got {self.epochs}, {self.embedding_dim} "
+                f"and {self.val_every}"
+            )
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0 (None: no time budget), got {self.max_seconds}")
 

@@ -33,10 +33,25 @@ DISTANCES = ("euclidean", "cosine")
 
 @dataclass
 class LossOutput:
-    """A loss and its mining statistics (plain floats, for logging)."""
+    """A loss and its mining statistics, as detached 0-d tensors on the loss's device: reading them
+    (:meth:`floats`) waits for the device, so a training loop reads them in batches, not every step."""
 
     loss: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.stats = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self.stats.items()}
+
+    def floats(self) -> dict[str, float]:
+        """The statistics as plain numbers (synchronises with the device)."""
+        return stats_to_floats(self.stats)
+
+
+def stats_to_floats(stats: dict) -> dict[str, float]:
+    """A dict of 0-d tensors (or numbers) → plain floats, read from the device in one transfer."""
+    tensors = [v for v in stats.values() if isinstance(v, torch.Tensor)]
+    values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+    return {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in stats.items()}
 
 
 def pairwise_distances(embeddings: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
@@ -76,20 +91,21 @@ def batch_hard_triplet_loss(
     d = pairwise_distances(embeddings, metric)
     pos, neg = _masks(labels)
     valid = pos.any(1) & neg.any(1)
-    if not valid.any():
-        return LossOutput(_zero_loss(embeddings), {"active_fraction": 0.0, "valid_anchors": 0})
-    hardest_pos = d.masked_fill(~pos, float("-inf")).amax(1)[valid]
-    hardest_neg = d.masked_fill(~neg, float("inf")).amin(1)[valid]
-    gap = hardest_pos - hardest_neg
+    count = valid.sum()
+    hardest_pos = d.masked_fill(~pos, float("-inf")).amax(1)
+    hardest_neg = d.masked_fill(~neg, float("inf")).amin(1)
+    gap = torch.where(valid, hardest_pos - hardest_neg, 0.0)
     per_anchor = F.softplus(gap) if soft else F.relu(gap + margin)
-    active = gap > 0 if soft else gap + margin > 0
+    active = (gap > 0 if soft else gap + margin > 0) & valid
+    n = count.clamp_min(1)
+    loss = (per_anchor * valid).sum() / n  # 0 (with a graph, so backward() works) when no anchor is valid
     return LossOutput(
-        per_anchor.mean(),
+        loss,
         {
-            "active_fraction": active.float().mean().item(),
-            "hardest_pos": hardest_pos.mean().item(),
-            "hardest_neg": hardest_neg.mean().item(),
-            "valid_anchors": int(valid.sum()),
+            "active_fraction": active.sum() / n,
+            "hardest_pos": torch.where(valid, hardest_pos, 0.0).sum() / n,
+            "hardest_neg": torch.where(valid, hardest_neg, 0.0).sum() / n,
+            "valid_anchors": count,
         },
     )
 
@@ -124,12 +140,12 @@ def batch_all_triplet_loss(
     """Every valid triplet of the batch; the mean over the triplets with a non-zero loss."""
     d, gap, valid, pos, neg = _triplet_gaps(embeddings, labels, metric)
     losses = F.relu(gap + margin) * valid  # masks by multiplying: boolean indexing is slow on CPU
-    stats = _distance_stats(d, pos, neg)
-    n_valid, n_active = int(valid.sum()), int((losses > 0).sum())
-    if n_valid == 0:
-        return LossOutput(_zero_loss(embeddings), {"active_fraction": 0.0, **stats})
-    loss = losses.sum() / n_active if n_active else _zero_loss(embeddings)
-    return LossOutput(loss, {"active_fraction": n_active / n_valid, "triplets": n_valid, **stats})
+    n_valid, n_active = valid.sum(), (losses > 0).sum()
+    loss = losses.sum() / n_active.clamp_min(1)  # 0 (with a graph) when no triplet is active
+    return LossOutput(
+        loss,
+        {"active_fraction": n_active / n_valid.clamp_min(1), "triplets": n_valid, **_distance_stats(d, pos, neg)},
+    )
 
 
 def semi_hard_triplet_loss(
@@ -138,25 +154,26 @@ def semi_hard_triplet_loss(
     """Triplets with a semi-hard negative, ``d(a,p) < d(a,n) < d(a,p) + margin``, averaged."""
     d, gap, valid, pos, neg = _triplet_gaps(embeddings, labels, metric)
     semi = valid & (gap < 0) & (gap + margin > 0)
-    stats = _distance_stats(d, pos, neg)
-    n_valid = int(valid.sum())
-    fraction = semi.sum().item() / n_valid if n_valid else 0.0
-    if not semi.any():
-        return LossOutput(_zero_loss(embeddings), {"active_fraction": fraction, **stats})
-    n_semi = int(semi.sum())
+    n_semi = semi.sum()
     return LossOutput(
-        ((gap + margin) * semi).sum() / n_semi, {"active_fraction": fraction, "triplets": n_semi, **stats}
+        ((gap + margin) * semi).sum() / n_semi.clamp_min(1),  # 0 (with a graph) when there is none
+        {
+            "active_fraction": n_semi / valid.sum().clamp_min(1),
+            "triplets": n_semi,
+            **_distance_stats(d, pos, neg),
+        },
     )
 
 
-def _distance_stats(d, pos, neg) -> dict[str, float]:
-    valid = pos.any(1) & neg.any(1)
-    if not valid.any():
-        return {}
-    return {
-        "hardest_pos": d.masked_fill(~pos, float("-inf")).amax(1)[valid].mean().item(),
-        "hardest_neg": d.masked_fill(~neg, float("inf")).amin(1)[valid].mean().item(),
-    }
+def _distance_stats(d, pos, neg) -> dict[str, torch.Tensor]:
+    """Mean hardest-positive and hardest-negative distance over the anchors that have both (0 when none has)."""
+    with torch.no_grad():
+        valid = pos.any(1) & neg.any(1)
+        n = valid.sum().clamp_min(1)
+        return {
+            "hardest_pos": torch.where(valid, d.masked_fill(~pos, float("-inf")).amax(1), 0.0).sum() / n,
+            "hardest_neg": torch.where(valid, d.masked_fill(~neg, float("inf")).amin(1), 0.0).sum() / n,
+        }
 
 
 def angular_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, alpha_degrees: float = 40.0) -> LossOutput:
@@ -185,7 +202,7 @@ def angular_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, alpha_degree
     return LossOutput(
         per_pair.mean(),
         {
-            "active_fraction": ((terms > 0) & keep).float().sum().item() / max(1, int(keep.sum())),
+            "active_fraction": ((terms > 0) & keep).sum() / keep.sum().clamp_min(1),
             "pairs": len(a_idx),
             **_distance_stats(d, pos, neg),
         },

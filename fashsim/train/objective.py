@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .losses import angular_loss, pairwise_distances, triplet_loss
+from .losses import angular_loss, pairwise_distances, stats_to_floats, triplet_loss
+
+__all__ = ["Batch", "compute_loss", "mining_at", "stats_to_floats"]
 
 
 class Batch(NamedTuple):
@@ -30,11 +32,12 @@ def mining_at(config: TrainConfig, step: int) -> str:
     return config.warmup_mining if (config.warmup_mining and step < config.warmup_steps) else config.mining
 
 
-def compute_loss(config: TrainConfig, model, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """``(loss, stats)`` of ``batch`` for ``model`` at training step ``step`` (no side effects)."""
+def compute_loss(config: TrainConfig, model, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, stats)`` of ``batch`` for ``model`` at training step ``step`` (no side effects). The
+    statistics are detached 0-d tensors on the model's device (:func:`stats_to_floats` reads them)."""
     raw = model.head(batch.inputs) if config.freeze_backbone else model.raw_embedding(batch.inputs)
     embeddings = F.normalize(raw.float(), dim=1)
-    stats: dict[str, float] = {}
+    stats: dict[str, torch.Tensor] = {}
     if config.loss == "cross_entropy":
         loss = F.cross_entropy(model.classifier(raw).float(), batch.labels)
     else:
@@ -54,9 +57,9 @@ def compute_loss(config: TrainConfig, model, batch: Batch, step: int) -> tuple[t
         if config.ce_weight > 0:
             ce = F.cross_entropy(model.classifier(raw).float(), batch.labels)
             loss = loss + config.ce_weight * ce
-            stats["cross_entropy"] = ce.item()
+            stats["cross_entropy"] = ce.detach()
     with torch.no_grad():
         d = pairwise_distances(embeddings.detach(), "euclidean")
-        stats["spread"] = d.sum().item() / max(1, d.numel() - len(d))
-    stats["loss"] = loss.item()
+        stats["spread"] = d.sum() / max(1, d.numel() - len(d))
+    stats["loss"] = loss.detach()
     return loss, stats
