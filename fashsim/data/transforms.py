@@ -171,7 +171,8 @@ def augment_batch(x, generator=None, *, draws=None, max_shift: int = 2, flip: bo
     the background (random erasing, Zhong et al. 2020).
 
     The random numbers are ``draws`` (see :func:`augment_draws`) or drawn from ``generator``. The
-    whole batch is transformed at once: no per-image loop and no device synchronisation."""
+    whole batch is transformed at once, with no per-image loop; with ``draws`` already on the batch's
+    device nothing waits for the device."""
     import torch
 
     n, _, h, w = x.shape

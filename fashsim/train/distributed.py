@@ -352,7 +352,7 @@ class DistributedRun(_Run):
         embeddings and labels gathered (in rank order)."""
         return compute_loss(self.config, self.global_model, Batch(batch.inputs, gather(batch.labels)), self.state.step)
 
-    def step(self, batch: Batch, progress: float) -> dict[str, float]:
+    def step(self, batch: Batch, progress: float) -> dict[str, torch.Tensor]:
         stats = super().step(batch, progress)
         self.state.elapsed = max_over_ranks(self.state.elapsed)  # one clock: every rank stops at the same step
         return stats

@@ -340,7 +340,7 @@ class _Run:
                 )
         return values
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The batch's loss and statistics (DDP hook: the global batch's under torchrun)."""
         return compute_loss(self.config, self.model, batch, self.state.step)
 

@@ -50,7 +50,8 @@ class LossOutput:
 def stats_to_floats(stats: dict) -> dict[str, float]:
     """A dict of 0-d tensors (or numbers) → plain floats, read from the device in one transfer."""
     tensors = [v for v in stats.values() if isinstance(v, torch.Tensor)]
-    values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+    # float64: counts such as the triplets of a 640-image batch (23 M) are exact
+    values = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
     return {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in stats.items()}
 
 
