@@ -73,13 +73,11 @@ def worker_throughput(args) -> None:
         batches = list(_batches(run, args.warmup + args.steps))
         for indices in batches[: args.warmup]:
             run.step(run.make_batch(indices), 0.0)
-        if distributed.is_active():
-            torch.distributed.barrier()
+        _wait_for(run)
         start = time.perf_counter()
         for indices in batches[args.warmup :]:
             run.step(run.make_batch(indices), 0.0)
-        if distributed.is_active():
-            torch.distributed.barrier()
+        _wait_for(run)
         seconds = time.perf_counter() - start
         if run.is_main:
             world = torch.distributed.get_world_size() if distributed.is_active() else 1
@@ -122,6 +120,14 @@ def worker_step(args) -> None:
                 },
                 args.result,
             )
+
+
+def _wait_for(run) -> None:
+    """Every queued step finished, on the GPU (a step returns before its kernels have run) and on every rank."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    if distributed.is_active():
+        torch.distributed.barrier()
 
 
 def _single_step(order, device: str) -> tuple[dict, dict]:

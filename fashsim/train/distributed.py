@@ -353,6 +353,8 @@ class DistributedRun(_Run):
         return compute_loss(self.config, self.global_model, Batch(batch.inputs, gather(batch.labels)), self.state.step)
 
     def step(self, batch: Batch, progress: float) -> dict[str, torch.Tensor]:
+        """One step; then the ranks agree on the clock (a collective that, with NCCL, also waits for
+        this rank's GPU at every step: the one-process loop's batched statistics do not help here)."""
         stats = super().step(batch, progress)
         self.state.elapsed = max_over_ranks(self.state.elapsed)  # one clock: every rank stops at the same step
         return stats
