@@ -223,9 +223,9 @@ def load_csv_catalog(
         extra.append(record)
     if any(skipped.values()):
         detail = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
-        listed = f"; missing under {image_dir}: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+        where = f"; missing under {image_dir}: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
         warnings.warn(
-            f"{csv_path}: skipped {sum(skipped.values())} rows ({detail}){listed if missing else ''}", stacklevel=2
+            f"{csv_path}: skipped {sum(skipped.values())} rows ({detail}){where if missing else ''}", stacklevel=2
         )
     if joined:
         lines = ", ".join(map(str, joined[:10])) + (" ..." if len(joined) > 10 else "")

@@ -263,16 +263,12 @@ class _Run:
         batches = [list(b) for b in self.batches(epoch)]
         if not batches:
             return []
-        draws = None
+        index = torch.as_tensor(np.asarray(batches), device=self.device)  # (steps, B): batches are all full
+        draws = [None] * len(batches)
         if self.config.augment and not self.config.freeze_backbone:
-            draws = augment_draws(sum(len(b) for b in batches), self.generator)
-        if len({len(b) for b in batches}) == 1:  # P×K batches are all full: one (steps, B) tensor
-            index = torch.as_tensor(np.asarray(batches), device=self.device)
-            if draws is not None:
-                draws = draws.view(len(batches), -1, len(AUGMENT_DRAWS)).to(self.device)
-            return [(index[i], None if draws is None else draws[i]) for i in range(len(batches))]
-        ends = np.cumsum([len(b) for b in batches])
-        return [(b, None if draws is None else draws[end - len(b) : end]) for b, end in zip(batches, ends)]
+            draws = augment_draws(index.numel(), self.generator).view(*index.shape, len(AUGMENT_DRAWS))
+            draws = draws.to(self.device)
+        return list(zip(index, draws))
 
     def make_batch(self, indices, draws=None) -> Batch:
         """The model inputs and labels of the images ``indices``, augmented with ``draws`` (see
