@@ -11,7 +11,7 @@
 6. with ``--compare BACKBONE ...``, build the same shop with other recipes (e.g. the frozen
    ``mobilenet_v2``) and evaluate them the same way.
 
-    .venv/bin/python benchmarks/bench_shop.py [--size 10000] [--train-seconds 240] [--compare mobilenet_v2]
+    .venv/bin/python benchmarks/bench_shop.py [--size 20000] [--train-seconds 240] [--compare mobilenet_v2]
 
 Writes ``reports/benchmarks/shop.json``. The machine's other load is recorded (``os.getloadavg``):
 on a shared CPU every timing here is noisy.
@@ -32,7 +32,7 @@ import numpy as np
 
 from fashsim.app.shop import DEFAULT_BACKBONE, build_shop_collection
 from fashsim.data.catalogs import open_catalog
-from fashsim.data.colour_shop import generate_colour_shop
+from fashsim.data.colour_shop import DEFAULT_SIZE, generate_colour_shop
 from fashsim.evaluation.shop import comparison_rows, evaluate_shop, shop_split
 from fashsim.fileio import atomic_write_bytes
 from fashsim.paths import reports_dir
@@ -83,7 +83,7 @@ def run_recipe(catalog_dir: Path, out: Path, parts: dict, backbone: str, args) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=10000)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--train-seconds", type=float, help="training budget of the default recipe")
     parser.add_argument("--workers", type=int, default=2)

@@ -197,6 +197,27 @@ def test_random_erasing_blanks_a_rectangle_with_the_background(fmnist_test):
     assert torch.equal(untouched, x)
 
 
+def test_edge_fill_keeps_a_light_background_light():
+    """A product photo on a light background, shifted: with fill="edge" the uncovered border
+    repeats the background (no dark strip, which "min" would paint with the garment's darkest
+    pixel); erased rectangles take the background too."""
+    x = torch.full((8, 3, 16, 16), 0.9)
+    x[:, :, 5:11, 5:11] = 0.1  # a dark garment in the middle
+    draws = torch.rand(8, len(images.AUGMENT_DRAWS), generator=torch.Generator().manual_seed(0))
+    draws[:, 1:3] = torch.tensor([0.0, 0.99])  # every image shifted by 2 px in x and y
+    draws[:, 3] = 0.0  # and erased
+    edge = images.augment_batch(x, draws=draws, flip=False, erase=1.0, fill="edge")
+    assert torch.equal(edge[:, :, :3, :], torch.full_like(edge[:, :, :3, :], 0.9))  # the border stays background
+    assert torch.equal(edge[:, :, :, -3:], torch.full_like(edge[:, :, :, -3:], 0.9))
+    assert set(edge.unique().tolist()) <= set(x.unique().tolist())  # nothing but garment and background
+    garment = (edge < 0.5).flatten(1).sum(1)
+    assert (garment < 36).any()  # some garments partly erased, with the background
+    dark = images.augment_batch(x, draws=draws, flip=False, erase=0.0, fill="min")
+    assert (dark[:, :, -2:, :] == 0.1).all()  # what "edge" avoids: the shifted-in rows take the batch minimum
+    with pytest.raises(ValueError, match="fill"):
+        images.augment_batch(x, draws=draws, fill="mean")
+
+
 def _augment_reference(x, draws, max_shift, erase):
     """The augmentation written image by image, as pad-and-crop and slice assignment (the
     implementation :func:`augment_batch` replaced), from the same random numbers."""

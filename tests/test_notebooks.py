@@ -69,6 +69,18 @@ def test_training_notebook_parameters_are_the_course_recipe():
         assert ast.literal_eval(declared[name]["default"]) == getattr(course, name), name
 
 
+def test_shop_notebook_parameters_are_the_library_defaults():
+    """Notebook 08 generates the default colour shop and builds it with the default recipe."""
+    from fashsim.app import shop
+    from fashsim.data import colour_shop
+
+    declared = papermill.inspect_notebook(str(REPO / "notebooks" / "08_your_own_shop.ipynb"))
+    default = {name: ast.literal_eval(declared[name]["default"]) for name in declared}
+    assert default["shop_size"] == colour_shop.DEFAULT_SIZE and default["n_colours"] == colour_shop.DEFAULT_COLOURS
+    assert default["image_size"] == colour_shop.ShopParams().image_size
+    assert default["backbone"] == shop.DEFAULT_BACKBONE and default["train_seconds"] is None
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """Run every notebook once in the smoke profile into an empty project folder."""

@@ -169,6 +169,37 @@ def test_a_collection_refuses_another_model(kaggle_build):
         Collection.load(kaggle_build.collection_dir, model=other)
 
 
+def test_the_default_cnn_learns_colour_from_scratch_in_the_cpus_fast_precision(small_shop, tmp_path):
+    """The default recipe (small CNN from scratch): its forward pass runs in bfloat16 exactly where
+    the CPU computes it natively, and a few seconds of training already tell the colours apart."""
+    from fashsim.train.device import cpu_has_native_bf16
+
+    build = shop.build_shop_collection(
+        small_shop,
+        tmp_path / "out",
+        backbone="small_cnn",
+        train_seconds=20.0,
+        train_options={"max_epochs": 8},
+        workers=1,
+        progress=False,
+    )
+    trained = build.summary["train"]
+    assert trained["precision"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert trained["epoch"] == 8 and build.summary["image_size"] == shop.RECIPES["small_cnn"].image_size
+    scores = shop_eval.shop_metrics(build.embeddings, build.records, build.label_columns)
+    assert scores["baseColour_match@5"] > 0.9  # 3 colours: chance is a third
+    plain = shop.build_shop_collection(
+        small_shop,
+        tmp_path / "float32",
+        backbone="small_cnn",
+        train_seconds=20.0,
+        train_options={"max_epochs": 1, "amp": False},
+        workers=1,
+        progress=False,
+    )
+    assert plain.summary["train"]["precision"] == "float32"
+
+
 def test_a_second_build_resumes_from_cached_chunks_and_checkpoint(kaggle_build, small_shop):
     chunks = sorted((kaggle_build.out_dir / "cache" / "features").glob("chunk-*.npz"))
     assert len(chunks) == 2  # 240 items in chunks of 128

@@ -38,6 +38,7 @@ from ..data.sampler import PKBatchSampler
 from ..data.transforms import augment_batch, normalise_batch
 from ..fileio import atomic_torch_save
 from ..model.networks import EmbeddingNet
+from ..train.device import cpu_has_native_bf16
 from ..train.loop import lr_factor
 from ..train.losses import triplet_loss
 
@@ -56,7 +57,8 @@ class ShopTrainConfig:
     mining: str = "batch_hard"
     ce_weight: float = 0.5  # cross-entropy per label column, on the BN-neck output (0: triplet only)
     feature_dropout: float = 0.2  # frozen features only
-    augment: bool = True  # images only: flips and 2-px shifts
+    augment: bool = True  # images only: flips and 2-px shifts (the border repeats the background)
+    amp: bool = True  # images only: the CNN's forward pass in bfloat16 where the CPU computes it natively
     warmup_steps: int = 50
     seed: int = 0
     threads: int | None = None  # torch CPU threads while training (None: 1 for a head, auto_threads() for a CNN)
@@ -221,6 +223,9 @@ def train_shop_model(
         if frozen:
             model.backbone.eval()
         spec = model.input_spec
+        # bfloat16 only where the CPU has it natively (elsewhere emulated: slower than float32);
+        # the losses and the optimiser stay in float32
+        bf16 = config.amp and not frozen and cpu_has_native_bf16()
         bar = tqdm(
             total=round(config.seconds),
             initial=min(round(state["elapsed"]), round(config.seconds)),
@@ -243,10 +248,12 @@ def train_shop_model(
                 else:
                     x = normalise_batch(x_all[index], spec)
                     if config.augment:
-                        x = augment_batch(x, generator)
-                    raw = model.raw_embedding(x.contiguous(memory_format=torch.channels_last))
+                        x = augment_batch(x, generator, fill="edge")  # photos: the border repeats the background
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        raw = model.raw_embedding(x.contiguous(memory_format=torch.channels_last))
+                    raw = raw.float()
                 loss = triplet_loss(
-                    F.normalize(raw.float(), dim=1), y_style[index], mining=config.mining, margin=config.margin
+                    F.normalize(raw, dim=1), y_style[index], mining=config.mining, margin=config.margin
                 ).loss
                 for name, head in heads.items():
                     loss = loss + config.ce_weight * F.cross_entropy(head(raw), y_aux[name][index])
@@ -272,4 +279,4 @@ def train_shop_model(
         if frozen:
             fold_standardisation(model.projection, mean, std)
         save(folded=True)
-        return {**state, "threads": threads}
+        return {**state, "threads": threads, "precision": "bfloat16" if bf16 else "float32"}

@@ -164,11 +164,17 @@ def augment_draws(n: int, generator=None):
     return torch.rand(n, len(AUGMENT_DRAWS), generator=generator)
 
 
-def augment_batch(x, generator=None, *, draws=None, max_shift: int = 2, flip: bool = True, erase: float = 0.0):
+def augment_batch(
+    x, generator=None, *, draws=None, max_shift: int = 2, flip: bool = True, erase: float = 0.0, fill: str = "min"
+):
     """Train-time augmentation of a batch ``(N, C, H, W)``, on any device: random horizontal flips,
-    random translations of up to ``max_shift`` pixels (uncovered pixels take the batch minimum, the
-    background), and with probability ``erase`` a random rectangle of 2–20 % of the image set to
-    the background (random erasing, Zhong et al. 2020).
+    random translations of up to ``max_shift`` pixels, and with probability ``erase`` a random
+    rectangle of 2–20 % of the image set to the background (random erasing, Zhong et al. 2020).
+
+    ``fill`` says what the background is: ``"min"`` — the batch minimum (dark backgrounds, as in
+    Fashion-MNIST): uncovered and erased pixels take it; ``"edge"`` — whatever surrounds the
+    object (e.g. a light studio background): uncovered pixels repeat the nearest border pixel and
+    erased ones take the image's top-left pixel.
 
     The random numbers are ``draws`` (see :func:`augment_draws`) or drawn from ``generator``. The
     whole batch is transformed at once, with no per-image loop; with ``draws`` already on the batch's
@@ -178,8 +184,10 @@ def augment_batch(x, generator=None, *, draws=None, max_shift: int = 2, flip: bo
     n, _, h, w = x.shape
     if draws is None:
         draws = augment_draws(n, generator)
+    if fill not in ("min", "edge"):
+        raise ValueError(f"fill must be 'min' or 'edge', got {fill!r}")
     u = draws.to(device=x.device, dtype=torch.float32)
-    background = x.amin()
+    background = x.amin() if fill == "min" else x[:, :, :1, :1]
     if flip:
         x = torch.where((u[:, 0] < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
     rows = torch.arange(h, device=x.device)
@@ -197,7 +205,8 @@ def augment_batch(x, generator=None, *, draws=None, max_shift: int = 2, flip: bo
             src_r.clamp(0, h - 1)[:, :, None],
             src_c.clamp(0, w - 1)[:, None, :],
         ]  # (N, H, W, C)
-        x = torch.where(inside[:, None], picked.permute(0, 3, 1, 2), background)
+        picked = picked.permute(0, 3, 1, 2)
+        x = torch.where(inside[:, None], picked, background) if fill == "min" else picked
     if erase > 0:
         area = (u[:, 4] * 0.18 + 0.02) * h * w
         aspect = torch.exp(u[:, 5] * 2.4 - 1.2)
