@@ -207,8 +207,9 @@ def test_edge_fill_keeps_a_light_background_light():
     draws[:, 1:3] = torch.tensor([0.0, 0.99])  # every image shifted by 2 px in x and y
     draws[:, 3] = 0.0  # and erased
     edge = images.augment_batch(x, draws=draws, flip=False, erase=1.0, fill="edge")
-    assert torch.equal(edge[:, :, :3, :], torch.full_like(edge[:, :, :3, :], 0.9))  # the border stays background
-    assert torch.equal(edge[:, :, :, -3:], torch.full_like(edge[:, :, :, -3:], 0.9))
+    # shifted 2 px left-to-right and bottom-to-top: the uncovered left columns and bottom rows stay background
+    assert torch.equal(edge[:, :, -2:, :], torch.full_like(edge[:, :, -2:, :], 0.9))
+    assert torch.equal(edge[:, :, :, :2], torch.full_like(edge[:, :, :, :2], 0.9))
     assert set(edge.unique().tolist()) <= set(x.unique().tolist())  # nothing but garment and background
     garment = (edge < 0.5).flatten(1).sum(1)
     assert (garment < 36).any()  # some garments partly erased, with the background

@@ -81,6 +81,10 @@ class Recipe:
     widths: tuple[int, int, int] | None = None  # small_cnn's stage widths
     flip_average: bool = False  # embed a photo and its mirror image, averaged (twice the embedding time)
 
+    def __post_init__(self) -> None:
+        if self.frozen and self.flip_average:  # a frozen build embeds its cached features: no mirror image there
+            raise ValueError("flip_average needs a recipe that embeds images (frozen=False)")
+
 
 #: Per backbone: the CPU recipe measured on the colour shop (``benchmarks/bench_shop.py``). The
 #: default, ``small_cnn``, is the course's small CNN (32-64-128) from scratch on 32 px RGB: on the

@@ -226,6 +226,7 @@ def train_shop_model(
         # bfloat16 only where the CPU has it natively (elsewhere emulated: slower than float32);
         # the losses and the optimiser stay in float32
         bf16 = config.amp and not frozen and cpu_has_native_bf16()
+        state["precision"] = "bfloat16" if bf16 else "float32"  # saved with the checkpoint, so a reused model keeps it
         bar = tqdm(
             total=round(config.seconds),
             initial=min(round(state["elapsed"]), round(config.seconds)),
@@ -279,4 +280,4 @@ def train_shop_model(
         if frozen:
             fold_standardisation(model.projection, mean, std)
         save(folded=True)
-        return {**state, "threads": threads, "precision": "bfloat16" if bf16 else "float32"}
+        return {**state, "threads": threads}

@@ -174,7 +174,7 @@ def augment_batch(
     ``fill`` says what the background is: ``"min"`` — the batch minimum (dark backgrounds, as in
     Fashion-MNIST): uncovered and erased pixels take it; ``"edge"`` — whatever surrounds the
     object (e.g. a light studio background): uncovered pixels repeat the nearest border pixel and
-    erased ones take the image's top-left pixel.
+    erased ones take the input image's top-left pixel.
 
     The random numbers are ``draws`` (see :func:`augment_draws`) or drawn from ``generator``. The
     whole batch is transformed at once, with no per-image loop; with ``draws`` already on the batch's
