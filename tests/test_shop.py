@@ -3,6 +3,7 @@ collections, unreadable files reported, colour queries, metadata filters, evalua
 
 import collections
 import csv
+import functools
 import io
 import json
 import os
@@ -174,42 +175,21 @@ def test_the_default_cnn_learns_colour_from_scratch_in_bfloat16(small_shop, tmp_
     natively runs (forced here, so that every machine runs that path: elsewhere it is emulated,
     slower but the same) — already tells the colours apart after a few steps; with amp=False it
     trains in float32. A second build reuses the finished model and still says its precision."""
-    from fashsim.app import shop_train
+    from fashsim.train import device
 
-    monkeypatch.setattr(shop_train, "cpu_has_native_bf16", lambda: True)
-    build = shop.build_shop_collection(
-        small_shop,
-        tmp_path / "out",
-        backbone="small_cnn",
-        train_seconds=20.0,
-        train_options={"max_epochs": 8},
-        workers=1,
-        progress=False,
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    build_cnn = functools.partial(
+        shop.build_shop_collection, small_shop, backbone="small_cnn", train_seconds=20.0, workers=1, progress=False
     )
+    build = build_cnn(tmp_path / "out", train_options={"max_epochs": 8})
     trained = build.summary["train"]
     assert trained["precision"] == "bfloat16"
     assert trained["epoch"] == 8 and build.summary["image_size"] == shop.RECIPES["small_cnn"].image_size
     scores = shop_eval.shop_metrics(build.embeddings, build.records, build.label_columns)
     assert scores["baseColour_match@5"] > 0.9  # 3 colours: chance is a third
-    again = shop.build_shop_collection(
-        small_shop,
-        tmp_path / "out",
-        backbone="small_cnn",
-        train_seconds=20.0,
-        train_options={"max_epochs": 8},
-        workers=1,
-        progress=False,
-    )
+    again = build_cnn(tmp_path / "out", train_options={"max_epochs": 8})
     assert again.summary["train"]["resumed"] and again.summary["train"]["precision"] == "bfloat16"
-    plain = shop.build_shop_collection(
-        small_shop,
-        tmp_path / "float32",
-        backbone="small_cnn",
-        train_seconds=20.0,
-        train_options={"max_epochs": 1, "amp": False},
-        workers=1,
-        progress=False,
-    )
+    plain = build_cnn(tmp_path / "float32", train_options={"max_epochs": 1, "amp": False})
     assert plain.summary["train"]["precision"] == "float32"
 
 

@@ -38,7 +38,7 @@ from ..data.sampler import PKBatchSampler
 from ..data.transforms import augment_batch, normalise_batch
 from ..fileio import atomic_torch_save
 from ..model.networks import EmbeddingNet
-from ..train.device import cpu_has_native_bf16
+from ..train.device import autocast_dtype
 from ..train.loop import lr_factor
 from ..train.losses import triplet_loss
 
@@ -223,9 +223,9 @@ def train_shop_model(
         if frozen:
             model.backbone.eval()
         spec = model.input_spec
-        # bfloat16 only where the CPU has it natively (elsewhere emulated: slower than float32);
-        # the losses and the optimiser stay in float32
-        bf16 = config.amp and not frozen and cpu_has_native_bf16()
+        # the training loop's rule: bfloat16 only where the CPU has it natively (elsewhere emulated:
+        # slower than float32); the losses and the optimiser stay in float32
+        bf16 = not frozen and autocast_dtype(config, torch.device("cpu")) is torch.bfloat16
         state["precision"] = "bfloat16" if bf16 else "float32"  # saved with the checkpoint, so a reused model keeps it
         bar = tqdm(
             total=round(config.seconds),
