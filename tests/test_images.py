@@ -267,3 +267,50 @@ def test_float_arrays_with_nan_or_inf_are_refused(bad):
 
 def test_input_spec_round_trip():
     assert images.InputSpec.from_dict(images.IMAGENET_SPEC.to_dict()) == images.IMAGENET_SPEC
+
+
+def _photo_with_square(canvas: int, side: int, left: int, top: int, seed: int = 0) -> Image.Image:
+    """A red square of ``side`` px at (left, top) on a slightly noisy light-grey background."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(rng.normal(236, 2, (canvas, canvas, 3)), 0, 255).astype(np.uint8)
+    arr[top : top + side, left : left + side] = (200, 30, 40)
+    return Image.fromarray(arr, "RGB")
+
+
+def test_product_box_frames_the_product_and_names_the_background():
+    box, fill = images.product_box(np.asarray(_photo_with_square(96, 40, 10, 30)), margin=0.05)
+    left, top, right, bottom = box
+    assert right - left == bottom - top == 44  # square: the product's 40 px plus 5 % each side
+    assert left <= 10 and top <= 30 and right >= 50 and bottom >= 70
+    assert all(abs(c - 236) <= 2 for c in fill)
+    plain = np.full((50, 60, 3), 240, np.uint8)  # nothing on the background: the whole photo
+    assert images.product_box(plain)[0] == (0, 0, 60, 50)
+
+
+def test_trimmed_spec_sees_the_product_the_same_wherever_it_stands():
+    """Trimming makes a product fill the square: the same product small in a corner or large in
+    the middle of a photo gives nearly the same model input; without trimming it does not."""
+    spec = replace(images.IMAGENET_SPEC, size=32, trim_background=True)
+    small = images.prepare_image(_photo_with_square(128, 40, 8, 70), spec).astype(float)
+    large = images.prepare_image(_photo_with_square(128, 100, 14, 14, seed=1), spec).astype(float)
+    assert small.shape == (32, 32, 3)
+    assert np.abs(small - large).mean() < 6
+    phone = images.prepare_image(_photo_with_square(1000, 300, 650, 80, seed=2), spec).astype(
+        float
+    )  # found at 1/4 size
+    assert np.abs(small - phone).mean() < 6
+    assert small[16, 16, 0] > 180 and small[16, 16, 1] < 60  # the red product at the centre
+    untrimmed = replace(spec, trim_background=False)
+    apart = np.abs(
+        images.prepare_image(_photo_with_square(128, 40, 8, 70), untrimmed).astype(float)
+        - images.prepare_image(_photo_with_square(128, 100, 14, 14, seed=1), untrimmed).astype(float)
+    )
+    assert apart.mean() > 30
+
+
+def test_trimmed_spec_round_trips_and_keeps_old_fingerprints():
+    trimmed = replace(images.IMAGENET_SPEC, trim_background=True)
+    assert images.InputSpec.from_dict(trimmed.to_dict()) == trimmed
+    assert "trim_background" not in images.IMAGENET_SPEC.to_dict()  # models saved before the option
+    for tiny in (Image.new("RGB", (1, 1), (9, 9, 9)), Image.new("RGB", (5, 2), (250, 250, 250))):
+        assert images.prepare_image(tiny, replace(trimmed, size=16)).shape == (16, 16, 3)

@@ -23,6 +23,7 @@ from fashsim.app import shop
 from fashsim.data import catalogs, colour_shop
 from fashsim.errors import FashsimError
 from fashsim.evaluation import shop as shop_eval
+from fashsim.model.persistence import load_model
 from fashsim.search.collection import IndexMismatchError
 from fashsim.search.filters import FilterError, parse_conditions
 from fashsim.search.searcher import Searcher
@@ -185,6 +186,8 @@ def test_the_default_cnn_learns_colour_from_scratch_in_bfloat16(small_shop, tmp_
     trained = build.summary["train"]
     assert trained["precision"] == "bfloat16"
     assert trained["epoch"] == 8 and build.summary["image_size"] == shop.RECIPES["small_cnn"].image_size
+    # its input: each photo cropped to the product, also for queries through the saved model
+    assert load_model(build.model_path).input_spec.trim_background
     scores = shop_eval.shop_metrics(build.embeddings, build.records, build.label_columns)
     assert scores["baseColour_match@5"] > 0.9  # 3 colours: chance is a third
     again = build_cnn(tmp_path / "out", train_options={"max_epochs": 8})

@@ -59,7 +59,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 DEFAULT_COLOURS = 8
 
 #: Items in the default colour shop: about the most that builds end to end within 8 minutes on
-#: 2 CPU cores (``benchmarks/bench_shop.py``: 414 s). The default CNN learns the garments' kinds
+#: 2 CPU cores (``benchmarks/bench_shop.py``: 414–463 s). The default CNN learns the garments' kinds
 #: from the shop's own items, so more items score better: 20 000 rather than 10 000 added about
 #: 0.03 style R@1 on held-out items searched among an equally dense gallery.
 DEFAULT_SIZE = 20_000

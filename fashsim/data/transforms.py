@@ -4,7 +4,9 @@
 model's input format, described by an :class:`InputSpec`. For a Fashion-MNIST model this mirrors
 how the dataset was made (Xiao et al. 2017): greyscale, garment light on a dark background (a
 product shot on white is inverted), trimmed to the garment, longest side resized to 28 px,
-centred on a 28×28 canvas. :func:`default_input_spec` and :func:`training_input_spec` say which
+centred on a 28×28 canvas. A photo model keeps the colour: the photo is centre-cropped to a square
+(ImageNet style) or, with ``trim_background``, cropped to the product on its plain background
+(:func:`product_box`). :func:`default_input_spec` and :func:`training_input_spec` say which
 format a backbone, its weights and its training images call for; :func:`to_tensor`,
 :func:`normalise_batch` and :func:`augment_batch` work on whole batches.
 """
@@ -27,15 +29,21 @@ class InputSpec:
     std: tuple[float, ...] = (0.3530,)
     #: True for Fashion-MNIST-style data (light garment on black): light-background photos are inverted.
     dark_background: bool = True
+    #: Photos only (``dark_background=False``): crop the plain background around the product, so
+    #: the product fills the square whatever its size and place in the photo (see :func:`prepare_image`).
+    trim_background: bool = False
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "size": self.size,
             "channels": self.channels,
             "mean": list(self.mean),
             "std": list(self.std),
             "dark_background": self.dark_background,
         }
+        if self.trim_background:  # only when set, so existing models keep their fingerprints
+            data["trim_background"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> InputSpec:
@@ -45,6 +53,7 @@ class InputSpec:
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
             dark_background=bool(data["dark_background"]),
+            trim_background=bool(data.get("trim_background", False)),
         )
 
 
@@ -85,12 +94,37 @@ def has_light_background(grey: np.ndarray) -> bool:
     return float(np.median(border)) > 127
 
 
+def product_box(rgb: np.ndarray, margin: float = 0.04) -> tuple[tuple[int, int, int, int], tuple[int, ...]]:
+    """Where the product is in a photo on a plain background: a square box ``(left, top, right,
+    bottom)`` around every row and column that differs from the background (the border's median
+    colour, beyond its own noise), widened by ``margin`` of its side on each side, and that
+    background colour. The box may reach outside the photo (the caller pads with the colour); a
+    photo with nothing on its background gives the whole photo."""
+    height, width = rgb.shape[:2]
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.int16)
+    colour = np.median(border, axis=0)
+    diff = np.abs(rgb.astype(np.int16) - colour.astype(np.int16)).max(axis=-1)
+    border_diff = np.abs(border - colour.astype(np.int16)).max(axis=-1)
+    threshold = max(float(np.percentile(border_diff, 95)) + 8, 24)
+    box = _trim_box(diff, threshold=int(threshold))
+    fill = tuple(int(c) for c in np.round(colour))
+    if box is None:
+        return (0, 0, width, height), fill
+    left, top, right, bottom = box
+    side = max(right - left, bottom - top) * (1 + 2 * margin)
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    half = side / 2
+    return (round(cx - half), round(cy - half), round(cx + half), round(cy + half)), fill
+
+
 def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> np.ndarray:
     """The model's view of an image: uint8 ``(size, size)`` for 1 channel, ``(size, size, 3)`` for 3.
 
     ``dark_background`` specs (Fashion-MNIST) get the dataset's own recipe: greyscale, inverted
     if the background is light, trimmed to the garment, longest side resized to ``size``, centred
-    on a black square. Other specs: resize the shorter side and centre-crop (ImageNet style).
+    on a black square. ``trim_background`` specs: the square :func:`product_box` around the product
+    (padded with the background colour where it reaches past the photo's edge), resized. Other
+    specs: resize the shorter side and centre-crop (ImageNet style).
     """
     if spec.dark_background:
         grey = np.asarray(image.convert("L"))
@@ -106,6 +140,14 @@ def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> n
         out = np.asarray(canvas)
         return np.repeat(out[..., None], 3, axis=-1) if spec.channels == 3 else out
     mode = "L" if spec.channels == 1 else "RGB"
+    if spec.trim_background:
+        rgb = image.convert("RGB")
+        factor = -(-max(rgb.size) // 256)  # find the product on a copy of at most 256 px (a phone photo: 12 Mpx)
+        box, fill = product_box(np.asarray(rgb.reduce(factor) if factor > 1 else rgb))
+        left, top, right, bottom = (v * factor for v in box)
+        square = Image.new("RGB", (max(1, right - left), max(1, bottom - top)), fill)
+        square.paste(rgb, (-left, -top))
+        return np.asarray(square.resize((spec.size, spec.size), Image.Resampling.BILINEAR).convert(mode))
     resized = ImageOps.fit(image.convert(mode), (spec.size, spec.size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
     return np.asarray(resized)
 
