@@ -206,6 +206,14 @@ def test_a_second_build_resumes_from_cached_chunks_and_checkpoint(kaggle_build, 
     assert again.summary["model_fingerprint"] == kaggle_build.summary["model_fingerprint"]
 
 
+def test_a_build_with_other_settings_says_it_trains_afresh(small_shop, tmp_path, capsys):
+    shop.build_shop_collection(small_shop, tmp_path / "out", **FAST)
+    capsys.readouterr()
+    other = shop.build_shop_collection(small_shop, tmp_path / "out", **FAST, train_options={"margin": 0.3})
+    assert other.summary["train"]["resumed"] is False
+    assert "other items or settings; training afresh" in capsys.readouterr().out
+
+
 def test_unreadable_images_are_reported_file_by_file(small_shop, tmp_path):
     broken = tmp_path / "broken-shop"
     shutil.copytree(small_shop, broken)

@@ -202,6 +202,12 @@ def train_shop_model(
                             flush=True,
                         )
                     return {**state, "threads": threads}
+            else:
+                print(
+                    f"note: the training in {path.parent} was of other items or settings; training afresh "
+                    "(its checkpoint is replaced)",
+                    flush=True,
+                )
 
         def save(folded: bool = False) -> None:
             if path is not None:
