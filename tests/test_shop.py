@@ -320,6 +320,25 @@ def test_generic_csv_with_paths_and_the_command_line(small_shop, tmp_path, capsy
     assert shop.main_build(["build", str(tmp_path / "missing.csv"), "--out", str(out)]) == 1
 
 
+def test_a_csv_naming_images_by_another_id_column_builds_from_the_command_line(small_shop, tmp_path, capsys):
+    """A shop's own CSV whose images are <image-dir>/<sku>.jpg: --id-column names that column."""
+    rows = _rows(small_shop)[:60]
+    with open(tmp_path / "skus.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sku", "kind", "colour"])
+        writer.writerows([row["id"], row["articleType"], row["baseColour"]] for row in rows)
+    args = ["build", str(tmp_path / "skus.csv"), "--out", str(tmp_path / "out"), "--category-column", "kind"]
+    args += ["--image-dir", str(small_shop / "images"), "--train-seconds", "1", "--workers", "1", "--quiet"]
+    assert shop.main_build(args) != 0  # no path column and no 'id' column: refused, saying what it needs
+    assert "or an 'id' column" in capsys.readouterr().err
+    assert shop.main_build(args + ["--id-column", "sku"]) == 0
+    assert "indexed 60 of 60" in capsys.readouterr().out
+    hit = Searcher.from_paths(tmp_path / "out" / shop.MODEL_FILE, tmp_path / "out" / "collection").search(
+        small_shop / "images" / f"{rows[0]['id']}.jpg", k=1
+    )[0]
+    assert hit.extra["sku"] == int(rows[0]["id"]) and hit.extra["colour"] == rows[0]["baseColour"]
+
+
 def test_a_catalog_saved_by_a_spreadsheet_builds_and_filters_from_any_folder(small_shop, tmp_path, monkeypatch, capsys):
     """Windows-1252 text with semicolons, images named <id>.JPG / .png, columns named like the
     record's own fields, text sizes and zero-padded codes; built from a relative path, used from

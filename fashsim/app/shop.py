@@ -692,6 +692,7 @@ def _cmd_build(args) -> int:
         for k, v in (
             ("category_column", args.category_column),
             ("path_column", args.path_column),
+            ("id_column", args.id_column),
             ("image_dir", args.image_dir),
         )
         if v
@@ -812,6 +813,10 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
     build.add_argument("--category-column", help="CSV: the category column (default: category/articleType/...)")
     build.add_argument("--path-column", help="CSV: the image path column (default: path/image/filename/...)")
+    build.add_argument(
+        "--id-column",
+        help="CSV without a path column: the column naming each image <image-dir>/<value>.jpg (default: id)",
+    )
     build.add_argument("--image-dir", help="CSV: the folder image paths are relative to")
     build.add_argument("--fresh", action="store_true", help="ignore cached features and checkpoints")
     build.add_argument("--quiet", action="store_true")
