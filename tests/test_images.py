@@ -283,8 +283,27 @@ def test_product_box_frames_the_product_and_names_the_background():
     assert right - left == bottom - top == 44  # square: the product's 40 px plus 5 % each side
     assert left <= 10 and top <= 30 and right >= 50 and bottom >= 70
     assert all(abs(c - 236) <= 2 for c in fill)
-    plain = np.full((50, 60, 3), 240, np.uint8)  # nothing on the background: the whole photo
-    assert images.product_box(plain)[0] == (0, 0, 60, 50)
+    plain = np.full((50, 60, 3), 240, np.uint8)  # nothing on the background: the square on the whole photo
+    assert images.product_box(plain)[0] == (0, -5, 60, 55)
+
+
+def test_product_box_keeps_a_product_that_fills_part_of_the_border():
+    """A striped garment cut by the photo's bottom edge (a model shot cut at the hips): its
+    pixels on the border are not mistaken for background noise, so the box keeps all of it."""
+    arr = np.full((120, 100, 3), 238, np.uint8)
+    arr[40:120, 20:80] = (200, 30, 40)
+    arr[40:120:4, 20:80] = (150, 150, 225)  # stripes of a lighter, low-contrast colour
+    (left, top, right, bottom), _ = images.product_box(arr)
+    assert left <= 20 and right >= 80 and top <= 40 and bottom >= 120
+    assert right - left == bottom - top
+
+
+def test_a_product_in_a_corner_is_padded_with_the_background_and_centred():
+    spec = replace(images.IMAGENET_SPEC, size=32, trim_background=True)
+    corner = images.prepare_image(_photo_with_square(1001, 300, 0, 0), spec).astype(float)  # 1001 px: a partial block
+    centred = images.prepare_image(_photo_with_square(128, 60, 34, 34, seed=1), spec).astype(float)
+    assert np.abs(corner - centred).mean() < 8
+    assert corner[16, 16, 0] > 180 and np.abs(corner[0, 0] - 236).max() < 30  # padding: the background colour
 
 
 def test_trimmed_spec_sees_the_product_the_same_wherever_it_stands():
@@ -294,11 +313,11 @@ def test_trimmed_spec_sees_the_product_the_same_wherever_it_stands():
     small = images.prepare_image(_photo_with_square(128, 40, 8, 70), spec).astype(float)
     large = images.prepare_image(_photo_with_square(128, 100, 14, 14, seed=1), spec).astype(float)
     assert small.shape == (32, 32, 3)
-    assert np.abs(small - large).mean() < 6
+    assert np.abs(small - large).mean() < 8
     phone = images.prepare_image(_photo_with_square(1000, 300, 650, 80, seed=2), spec).astype(
         float
     )  # found at 1/4 size
-    assert np.abs(small - phone).mean() < 6
+    assert np.abs(small - phone).mean() < 8
     assert small[16, 16, 0] > 180 and small[16, 16, 1] < 60  # the red product at the centre
     untrimmed = replace(spec, trim_background=False)
     apart = np.abs(
@@ -312,5 +331,7 @@ def test_trimmed_spec_round_trips_and_keeps_old_fingerprints():
     trimmed = replace(images.IMAGENET_SPEC, trim_background=True)
     assert images.InputSpec.from_dict(trimmed.to_dict()) == trimmed
     assert "trim_background" not in images.IMAGENET_SPEC.to_dict()  # models saved before the option
+    with pytest.raises(ValueError, match="photo input"):
+        images.InputSpec(trim_background=True)  # Fashion-MNIST input: trimmed its own way
     for tiny in (Image.new("RGB", (1, 1), (9, 9, 9)), Image.new("RGB", (5, 2), (250, 250, 250))):
         assert images.prepare_image(tiny, replace(trimmed, size=16)).shape == (16, 16, 3)

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -419,6 +420,28 @@ def test_a_shop_collection_is_served_with_its_own_model(kaggle_build):
 
     collection, model = webapp.resolve(kaggle_build.collection_dir)
     assert model == kaggle_build.model_path.resolve()
+
+
+def test_the_demo_crops_a_random_catalog_photo_of_the_models_own_size(tmp_path):
+    """A catalog photo already at the model's 32 px is still cropped to its product by a model that
+    crops (as its index entry was), not taken as the model's input as it is."""
+    from fashsim.app.demo import SearchApp, load_source_image
+
+    root = tmp_path / "shop32"
+    colour_shop.generate_colour_shop(
+        root, size=40, image_size=32, colours=["Red"], patterns=["Solid"], workers=1, progress=False
+    )
+    build = shop.build_shop_collection(
+        root, tmp_path / "out", train_seconds=1.0, train_options={"max_epochs": 1}, workers=1, progress=False
+    )
+    app = SearchApp(build.searcher(), k=3, seed=0)
+    hits = app.search_random()
+    assert len(hits) == 3 and app.last_query.shape == (32, 32, 3)
+    shown = int(re.search(r"catalog item (\d+)", app.status.value).group(1))
+    photo = load_source_image(next(r["source"] for r in build.records if r["id"] == shown))
+    assert photo.shape == (32, 32, 3)
+    assert np.array_equal(app.last_query, app.searcher.prepare(photo))
+    assert not np.array_equal(app.last_query, photo)
 
 
 # ------------------------------------------------------------------ evaluation

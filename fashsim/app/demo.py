@@ -319,8 +319,10 @@ class SearchApp:
         ids = self.searcher.collection.index.ids()
         record = self.searcher.collection.metadata.get([int(self.rng.choice(ids))])[0]
         pixels = load_source_image(record["source"])
-        size = self.searcher.spec.size
-        in_model_format = pixels.shape == ((size, size) if self.searcher.spec.channels == 1 else (size, size, 3))
+        spec = self.searcher.spec
+        model_shape = (spec.size, spec.size) if spec.channels == 1 else (spec.size, spec.size, 3)
+        # a photo of the model's size still has its product to crop when the model crops
+        in_model_format = pixels.shape == model_shape and not spec.trim_background
         fields = ", ".join(f"{k}: {v}" for k, v in record.items() if k not in ("id", "source"))
         return self._search(
             lambda: (pixels, pixels if in_model_format else self.searcher.prepare(pixels)),

@@ -33,6 +33,12 @@ class InputSpec:
     #: the product fills the square whatever its size and place in the photo (see :func:`prepare_image`).
     trim_background: bool = False
 
+    def __post_init__(self) -> None:
+        if self.trim_background and self.dark_background:
+            raise ValueError(
+                "trim_background is for photo input (dark_background=False); Fashion-MNIST input is always trimmed"
+            )
+
     def to_dict(self) -> dict:
         data = {
             "size": self.size,
@@ -65,7 +71,6 @@ IMAGENET_SPEC = InputSpec(
 )
 
 
-
 def _trim_box(arr: np.ndarray, threshold: int) -> tuple[int, int, int, int] | None:
     """Bounding box of the rows/columns with more than 1 % of their pixels above ``threshold``
     (at least one: a 28-px row counts a single pixel; a photo's stray noise pixels do not)."""
@@ -77,44 +82,53 @@ def _trim_box(arr: np.ndarray, threshold: int) -> tuple[int, int, int, int] | No
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+def _border(arr: np.ndarray) -> np.ndarray:
+    """The pixels of an image's outermost rows and columns, one after the other."""
+    return np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+
+
+def _robust_spread(values: np.ndarray) -> float:
+    """4 robust standard deviations (1.4826 × the median absolute deviation) of ``values``."""
+    return 4 * 1.4826 * float(np.median(np.abs(values - np.median(values))))
+
+
 def _background_level(grey: np.ndarray) -> int:
     """Brightest value still counted as background. A clean black background (Fashion-MNIST itself,
     a lossless render on white) has no noise: 0. A photo's background does: its border median plus
     4 robust standard deviations, and at least 10 grey levels (JPEG noise)."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).astype(float)
+    border = _border(grey).astype(float)
     median = np.median(border)
     if median == 0:
         return 0
-    return int(median + max(4 * 1.4826 * np.median(np.abs(border - median)), 10))
+    return int(median + max(_robust_spread(border), 10))
 
 
 def has_light_background(grey: np.ndarray) -> bool:
     """True when the image border is mostly light (a product shot on white)."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    return float(np.median(border)) > 127
+    return float(np.median(_border(grey))) > 127
 
 
 def product_box(rgb: np.ndarray, margin: float = 0.04) -> tuple[tuple[int, int, int, int], tuple[int, ...]]:
-    """Where the product is in a photo on a plain background: a square box ``(left, top, right,
-    bottom)`` around every row and column that differs from the background (the border's median
-    colour, beyond its own noise), widened by ``margin`` of its side on each side, and that
-    background colour. The box may reach outside the photo (the caller pads with the colour); a
-    photo with nothing on its background gives the whole photo."""
+    """Where the product is in a photo on a plain background, and that background's colour.
+
+    The background is the border's median colour; a pixel belongs to the product when one of its
+    channels differs from it by more than the border's own spread (median + 4 robust standard
+    deviations, so a product touching up to half of the border does not count as background
+    noise; at least 24 levels for JPEG noise and a soft gradient). The box is the square around
+    those rows and columns, centred on them, widened by ``margin`` of its side on each side; it
+    may reach outside the photo (the caller pads with the colour). A photo with nothing on its
+    background gives the square centred on the whole photo."""
     height, width = rgb.shape[:2]
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.int16)
-    colour = np.median(border, axis=0)
-    diff = np.abs(rgb.astype(np.int16) - colour.astype(np.int16)).max(axis=-1)
-    border_diff = np.abs(border - colour.astype(np.int16)).max(axis=-1)
-    threshold = max(float(np.percentile(border_diff, 95)) + 8, 24)
+    border = _border(rgb).astype(np.int16)
+    colour = np.round(np.median(border, axis=0)).astype(np.int16)
+    diff = np.abs(rgb.astype(np.int16) - colour).max(axis=-1)
+    border_diff = np.abs(border - colour).max(axis=-1).astype(float)
+    threshold = max(float(np.median(border_diff)) + _robust_spread(border_diff), 24.0)
     box = _trim_box(diff, threshold=int(threshold))
-    fill = tuple(int(c) for c in np.round(colour))
-    if box is None:
-        return (0, 0, width, height), fill
-    left, top, right, bottom = box
-    side = max(right - left, bottom - top) * (1 + 2 * margin)
-    cx, cy = (left + right) / 2, (top + bottom) / 2
-    half = side / 2
-    return (round(cx - half), round(cy - half), round(cx + half), round(cy + half)), fill
+    left, top, right, bottom = box if box is not None else (0, 0, width, height)
+    side = max(right - left, bottom - top) * (1 + 2 * (margin if box is not None else 0))
+    left, top = round((left + right - side) / 2), round((top + bottom - side) / 2)
+    return (left, top, left + round(side), top + round(side)), tuple(int(c) for c in colour)
 
 
 def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> np.ndarray:
@@ -136,16 +150,20 @@ def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> n
         new_size = (max(1, round(garment.width * scale)), max(1, round(garment.height * scale)))
         garment = garment.resize(new_size, Image.Resampling.LANCZOS)
         canvas = Image.new("L", (spec.size, spec.size), 0)
-        canvas.paste(garment, ((spec.size - new_size[0] + 1) // 2, (spec.size - new_size[1] + 1) // 2))  # as the dataset centres
+        canvas.paste(
+            garment, ((spec.size - new_size[0] + 1) // 2, (spec.size - new_size[1] + 1) // 2)
+        )  # as the dataset centres
         out = np.asarray(canvas)
         return np.repeat(out[..., None], 3, axis=-1) if spec.channels == 3 else out
     mode = "L" if spec.channels == 1 else "RGB"
     if spec.trim_background:
         rgb = image.convert("RGB")
-        factor = -(-max(rgb.size) // 256)  # find the product on a copy of at most 256 px (a phone photo: 12 Mpx)
+        factor = -(-max(rgb.size) // 256)  # find the product on a copy of at most 256 px (uploads: up to 1024 px)
         box, fill = product_box(np.asarray(rgb.reduce(factor) if factor > 1 else rgb))
         left, top, right, bottom = (v * factor for v in box)
-        square = Image.new("RGB", (max(1, right - left), max(1, bottom - top)), fill)
+        square = Image.new(
+            "RGB", (max(1, right - left), max(1, bottom - top)), fill
+        )  # square: right - left == bottom - top
         square.paste(rgb, (-left, -top))
         return np.asarray(square.resize((spec.size, spec.size), Image.Resampling.BILINEAR).convert(mode))
     resized = ImageOps.fit(image.convert(mode), (spec.size, spec.size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
