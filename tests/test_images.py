@@ -314,9 +314,8 @@ def test_trimmed_spec_sees_the_product_the_same_wherever_it_stands():
     large = images.prepare_image(_photo_with_square(128, 100, 14, 14, seed=1), spec).astype(float)
     assert small.shape == (32, 32, 3)
     assert np.abs(small - large).mean() < 8
-    phone = images.prepare_image(_photo_with_square(1000, 300, 650, 80, seed=2), spec).astype(
-        float
-    )  # found at 1/4 size
+    phone_photo = _photo_with_square(1000, 300, 650, 80, seed=2)  # its product is found at 1/4 size
+    phone = images.prepare_image(phone_photo, spec).astype(float)
     assert np.abs(small - phone).mean() < 8
     assert small[16, 16, 0] > 180 and small[16, 16, 1] < 60  # the red product at the centre
     untrimmed = replace(spec, trim_background=False)

@@ -150,9 +150,8 @@ def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> n
         new_size = (max(1, round(garment.width * scale)), max(1, round(garment.height * scale)))
         garment = garment.resize(new_size, Image.Resampling.LANCZOS)
         canvas = Image.new("L", (spec.size, spec.size), 0)
-        canvas.paste(
-            garment, ((spec.size - new_size[0] + 1) // 2, (spec.size - new_size[1] + 1) // 2)
-        )  # as the dataset centres
+        offset = ((spec.size - new_size[0] + 1) // 2, (spec.size - new_size[1] + 1) // 2)  # as the dataset centres
+        canvas.paste(garment, offset)
         out = np.asarray(canvas)
         return np.repeat(out[..., None], 3, axis=-1) if spec.channels == 3 else out
     mode = "L" if spec.channels == 1 else "RGB"
@@ -161,9 +160,8 @@ def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> n
         factor = -(-max(rgb.size) // 256)  # find the product on a copy of at most 256 px (uploads: up to 1024 px)
         box, fill = product_box(np.asarray(rgb.reduce(factor) if factor > 1 else rgb))
         left, top, right, bottom = (v * factor for v in box)
-        square = Image.new(
-            "RGB", (max(1, right - left), max(1, bottom - top)), fill
-        )  # square: right - left == bottom - top
+        side = max(1, right - left)  # the box is square
+        square = Image.new("RGB", (side, side), fill)
         square.paste(rgb, (-left, -top))
         return np.asarray(square.resize((spec.size, spec.size), Image.Resampling.BILINEAR).convert(mode))
     resized = ImageOps.fit(image.convert(mode), (spec.size, spec.size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
