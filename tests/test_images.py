@@ -306,6 +306,17 @@ def test_a_product_in_a_corner_is_padded_with_the_background_and_centred():
     assert corner[16, 16, 0] > 180 and np.abs(corner[0, 0] - 236).max() < 30  # padding: the background colour
 
 
+def test_a_wide_product_is_centred_between_bands_of_background():
+    """A panorama's product: its square box reaches far past the photo's top and bottom, which
+    become background-coloured bands (only the part inside the photo is resized)."""
+    arr = np.full((600, 2000, 3), 236, np.uint8)
+    arr[100:500, 50:1950] = (200, 30, 40)
+    out = images.prepare_image(Image.fromarray(arr), replace(images.IMAGENET_SPEC, size=32, trim_background=True))
+    assert out.shape == (32, 32, 3)
+    assert out[16, 16, 0] > 180 and out[16, 16, 1] < 60  # the product, 6 px tall, in the middle
+    assert np.abs(out[[3, 28], 16].astype(int) - 236).max() < 4  # background above and below it
+
+
 def test_trimmed_spec_sees_the_product_the_same_wherever_it_stands():
     """Trimming makes a product fill the square: the same product small in a corner or large in
     the middle of a photo gives nearly the same model input; without trimming it does not."""

@@ -160,10 +160,16 @@ def prepare_image(image: Image.Image, spec: InputSpec = FASHION_MNIST_SPEC) -> n
         factor = -(-max(rgb.size) // 256)  # find the product on a copy of at most 256 px (uploads: up to 1024 px)
         box, fill = product_box(np.asarray(rgb.reduce(factor) if factor > 1 else rgb))
         left, top, right, bottom = (v * factor for v in box)
-        side = max(1, right - left)  # the box is square
-        square = Image.new("RGB", (side, side), fill)
-        square.paste(rgb, (-left, -top))
-        return np.asarray(square.resize((spec.size, spec.size), Image.Resampling.BILINEAR).convert(mode))
+        scale = spec.size / max(1, right - left)  # the box is square
+        # the part of the box inside the photo, resized, on a canvas of the background colour: the
+        # memory it takes follows the photo and the model's size, not the box
+        inside = (max(left, 0), max(top, 0), min(right, rgb.width), min(bottom, rgb.height))
+        canvas = Image.new("RGB", (spec.size, spec.size), fill)
+        if inside[2] > inside[0] and inside[3] > inside[1]:
+            part_size = (max(1, round((inside[2] - inside[0]) * scale)), max(1, round((inside[3] - inside[1]) * scale)))
+            part = rgb.resize(part_size, Image.Resampling.BILINEAR, box=inside)
+            canvas.paste(part, (round((inside[0] - left) * scale), round((inside[1] - top) * scale)))
+        return np.asarray(canvas.convert(mode))
     resized = ImageOps.fit(image.convert(mode), (spec.size, spec.size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
     return np.asarray(resized)
 
