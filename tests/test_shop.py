@@ -423,8 +423,8 @@ def test_a_shop_collection_is_served_with_its_own_model(kaggle_build):
 
 
 def test_the_demo_crops_a_random_catalog_photo_of_the_models_own_size(tmp_path):
-    """A catalog photo already at the model's 32 px is still cropped to its product by a model that
-    crops (as its index entry was), not taken as the model's input as it is."""
+    """A catalog photo already at the model's 32 px is prepared as the build prepared it for the
+    index (cropped to its product), not taken as the model's input as it is."""
     from fashsim.app.demo import SearchApp, load_source_image
 
     root = tmp_path / "shop32"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data.sources import load_source_image
+from ..data.sources import FMNIST_PREFIX, load_source_image
 from ..data.uploads import load_image
 from ..errors import FashsimError
 from ..search.searcher import Searcher
@@ -314,15 +314,15 @@ class SearchApp:
         )
 
     def search_random(self):
-        """The "Random catalog item" button: search with a random item of the catalog (as stored:
-        a catalog image already in the model's format is not prepared a second time)."""
+        """The "Random catalog item" button: search with a random item of the catalog as it was
+        indexed: a photo prepared for the model, as the build prepared it; a Fashion-MNIST item of
+        the model's own size as it is (the dataset's images are the model's format already)."""
         ids = self.searcher.collection.index.ids()
         record = self.searcher.collection.metadata.get([int(self.rng.choice(ids))])[0]
         pixels = load_source_image(record["source"])
         spec = self.searcher.spec
         model_shape = (spec.size, spec.size) if spec.channels == 1 else (spec.size, spec.size, 3)
-        # a photo of the model's size still has its product to crop when the model crops
-        in_model_format = pixels.shape == model_shape and not spec.trim_background
+        in_model_format = record["source"].startswith(FMNIST_PREFIX) and pixels.shape == model_shape
         fields = ", ".join(f"{k}: {v}" for k, v in record.items() if k not in ("id", "source"))
         return self._search(
             lambda: (pixels, pixels if in_model_format else self.searcher.prepare(pixels)),

@@ -41,7 +41,8 @@ def cpu_has_native_bf16() -> bool:
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The mixed-precision type of the forward pass, ``None`` for plain float32: float16 on CUDA
     (:func:`amp_enabled`), bfloat16 on a CPU with native bf16, float32 on any other CPU or with
-    ``config.amp=False`` (only ``config.amp`` is read: the shop's training config uses it too). The loss, the optimiser state and evaluation stay in float32 either way
+    ``config.amp=False`` (only ``config.amp`` is read: the shop's training config uses it too).
+    The loss, the optimiser state and evaluation stay in float32 either way
     (``benchmarks/bench_training.py`` records which precision a run used)."""
     if amp_enabled(config, device):
         return torch.float16
