@@ -19,11 +19,15 @@ def test_image_folder(tmp_path):
     _write_png(tmp_path / "shoes" / "nested" / "extra.png")
     (tmp_path / "shoes" / "notes.txt").write_text("not an image")
     (tmp_path / "shoes" / ".hidden.png").write_bytes(b"")
+    for i in range(2):  # a phone's photos: not decodable without a plug-in, so counted and named
+        (tmp_path / "dresses" / f"IMG_{i}.HEIC").write_bytes(b"heic")
+    Image.new("RGB", (12, 16), (200, 10, 10)).save(tmp_path / "dresses" / "saved.jfif", format="JPEG")
     (tmp_path / "empty_category").mkdir()
-    catalog = catalogs.load_image_folder(tmp_path)
+    with pytest.warns(UserWarning, match=r"3 files are not images fashsim reads.*\.heic ×2, \.txt ×1"):
+        catalog = catalogs.load_image_folder(tmp_path)
     assert catalog.class_names == ("dresses", "shoes")
-    assert len(catalog) == 6
-    assert np.bincount(catalog.labels).tolist() == [3, 3]
+    assert len(catalog) == 7 and any(p.suffix == ".jfif" for p in catalog.paths)
+    assert np.bincount(catalog.labels).tolist() == [4, 3]
     assert catalog.categories()[0] == "dresses"
     assert load_image(catalog.paths[0]).size == (12, 16)
     sub = catalog.subset([5, 0])
@@ -47,6 +51,26 @@ def test_generic_csv_with_paths_and_extra_columns(tmp_path):
     assert catalog.categories() == ["dress", "bag"]
     assert catalog.extra[1] == {"price": "25"}
     assert catalog.paths[0] == tmp_path / "img" / "a.png"
+
+
+def test_csv_saved_as_utf16_or_with_windows_paths(tmp_path):
+    _write_png(tmp_path / "img" / "a.png")
+    _write_png(tmp_path / "img" / "b.png")
+    text = (
+        "path,category,name\r\nimg\\a.png,dress,Été\r\nimg\\b.png,bag,Sac\r\n"  # Excel's "Unicode text", Windows paths
+    )
+    (tmp_path / "catalog.csv").write_bytes(text.encode("utf-16"))
+    catalog = catalogs.load_csv_catalog(tmp_path / "catalog.csv")
+    assert catalog.paths == (tmp_path / "img" / "a.png", tmp_path / "img" / "b.png")
+    assert catalog.extra[0] == {"name": "Été"}
+
+
+def test_a_csv_with_no_usable_rows_says_which_images_it_missed(tmp_path):
+    (tmp_path / "catalog.csv").write_text("path,category\npics/a.png,dress\npics/b.png,bag\n")
+    with pytest.raises(
+        DatasetFormatError, match=r"no usable rows .*skipped 2 rows \(2 missing image\); missing under .*pics/a\.png"
+    ):
+        catalogs.load_csv_catalog(tmp_path / "catalog.csv")
 
 
 def test_kaggle_fashion_product_images_layout(tmp_path):
@@ -114,6 +138,12 @@ def test_deepfashion_inshop(tmp_path):
     assert parts["gallery"].tolist() == [3, 4, 6]
     items = catalog.group_ids("item_id")
     assert items[2] == items[3] == items[4] and items[0] == items[1] != items[7]
+    official = tmp_path / "In-shop"  # the official download: Eval/list_eval_partition.txt
+    (official / "Eval").mkdir(parents=True)
+    (official / "Eval" / "list_eval_partition.txt").write_text(INSHOP)
+    assert (
+        catalogs.load_deepfashion_inshop(official).paths[0] == official / "img/WOMEN/Dresses/id_00000002/02_1_front.jpg"
+    )
 
 
 def test_deepfashion_inshop_malformed(tmp_path):
@@ -123,5 +153,5 @@ def test_deepfashion_inshop_malformed(tmp_path):
     (tmp_path / "list_eval_partition.txt").write_text(INSHOP.replace(" query", " test", 1))
     with pytest.raises(DatasetFormatError, match="evaluation_status"):
         catalogs.load_deepfashion_inshop(tmp_path)
-    with pytest.raises(DatasetNotFoundError):
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere/list_eval_partition.txt does not exist \(nor .*Eval"):
         catalogs.load_deepfashion_inshop(tmp_path / "nowhere")

@@ -63,3 +63,23 @@ def test_values_that_cannot_work_are_refused_in_one_line(tmp_path, capsys):
         cli.main(["index", "--max-per-split", "0"])
     with pytest.raises(ValueError, match="between 0 and 1"):
         load_train_val(val_fraction=0)
+
+
+def test_train_seed_is_the_models_not_the_splits(tmp_path, monkeypatch):
+    # `fashsim train --seed 1` trains on the course's split, as notebook 02 with seed = 1 does;
+    # only --val-fraction asks for another split
+    import fashsim.train as training
+
+    seen = {}
+
+    def fake_train(config, train_set, val_set, out, resume):
+        seen.update(seed=config.seed, sizes=(len(train_set), len(val_set)), labels=train_set.labels[:50].tolist())
+        raise cli.FashsimError("stop here")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    course_train, course_val = fashion_mnist.load_train_val()
+    assert cli.main(["train", "--seed", "1", "--out", str(tmp_path / "m")]) == 1
+    assert seen["seed"] == 1 and seen["sizes"] == (len(course_train), len(course_val))
+    assert seen["labels"] == course_train.labels[:50].tolist()
+    assert cli.main(["train", "--val-fraction", "0.2", "--out", str(tmp_path / "m")]) == 1
+    assert seen["sizes"] == (48_000, 12_000)

@@ -5,7 +5,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from image_fixtures import HOSTILE_UPLOADS, animated_gif, encode, jpeg_with_orientation, product_photo
+from image_fixtures import (
+    HOSTILE_UPLOADS,
+    animated_gif,
+    encode,
+    jpeg_with_orientation,
+    png_with_declared_size,
+    product_photo,
+)
 from PIL import Image
 
 from fashsim.data import transforms as images
@@ -48,6 +55,16 @@ def test_pixel_limit_below_pil_bomb_threshold():
     declared = encode(Image.new("L", (300, 200)), "PNG")
     with pytest.raises(InvalidImageError, match="megapixels"):
         uploads.load_image(declared, max_pixels=50_000)
+
+
+def test_a_camera_sized_jpeg_is_read_at_reduced_scale_and_a_png_that_large_is_refused():
+    # 99 MP: over PIL's own 89 MP warning and fashsim's 64 MP limit, which a JPEG may pass (it is
+    # decoded at 1/8 of each side), a PNG may not (it would be decoded in full)
+    photo = Image.new("L", (11_000, 9_000), 200)
+    image = uploads.load_image(encode(photo, "JPEG", quality=50))
+    assert image.size == (1024, 838) and np.asarray(image)[400, 500] == 200
+    with pytest.raises(InvalidImageError, match=r"11000×9000 = 99 megapixels, more than the 64 MP limit for PNG"):
+        uploads.load_image(png_with_declared_size(11_000, 9_000))
 
 
 def test_animated_gif_gives_first_frame():

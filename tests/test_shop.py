@@ -197,14 +197,23 @@ def test_the_default_cnn_learns_colour_from_scratch_in_bfloat16(small_shop, tmp_
     assert plain.summary["train"]["precision"] == "float32"
 
 
-def test_a_second_build_resumes_from_cached_chunks_and_checkpoint(kaggle_build, small_shop):
+def test_a_second_build_resumes_from_cached_chunks_and_checkpoint(kaggle_build, small_shop, capsys):
     chunks = sorted((kaggle_build.out_dir / "cache" / "features").glob("chunk-*.npz"))
     assert len(chunks) == 2  # 240 items in chunks of 128
     stamps = [c.stat().st_mtime_ns for c in chunks]
+    capsys.readouterr()
     again = shop.build_shop_collection(small_shop, kaggle_build.out_dir, **FAST)
     assert [c.stat().st_mtime_ns for c in chunks] == stamps
     assert again.summary["train"]["resumed"] is True
     assert again.summary["model_fingerprint"] == kaggle_build.summary["model_fingerprint"]
+    assert "reused as it is" not in capsys.readouterr().out
+    # asking a finished build for longer training says how to get it, rather than ignoring it
+    longer = shop.build_shop_collection(small_shop, kaggle_build.out_dir, **{**FAST, "max_epochs": 900})
+    assert longer.summary["model_fingerprint"] == kaggle_build.summary["model_fingerprint"]
+    said = capsys.readouterr().out
+    assert "reused as it is; to train it with max_epochs 900, build afresh" in said
+    with pytest.raises(ValueError, match="max_epochs must be"):
+        shop.build_shop_collection(small_shop, kaggle_build.out_dir, **{**FAST, "max_epochs": 0})
 
 
 def test_a_build_with_other_settings_says_it_trains_afresh(small_shop, tmp_path, capsys):
@@ -394,6 +403,24 @@ def test_a_catalog_saved_by_a_spreadsheet_builds_and_filters_from_any_folder(sma
     assert Path(hits[0]["source"]).is_file()  # absolute: thumbnails and baselines work from any folder
     assert shop.main_build(["search", str(tmp_path / "out"), query, "--where", "colour=Red"]) == 1
     assert "no column 'colour'" in capsys.readouterr().err
+    # a quoted value is the value; a filter nothing matches says so rather than printing nothing
+    assert shop.main_build(["search", str(tmp_path / "out"), query, "--where", 'size="8"', "--json"]) == 0
+    assert all(h["extra"]["size"] == "8" for h in json.loads(capsys.readouterr().out))
+    assert shop.main_build(["search", str(tmp_path / "out"), query, "--where", "size=eight"]) == 0
+    said = capsys.readouterr()
+    assert said.out == "" and "no item matches size=eight (values compare exactly" in said.err
+
+
+def test_prices_written_with_thousands_separators_filter_as_numbers():
+    rows = shop._typed_columns(
+        [{"price": "1,299.00", "stock": "1,000"}, {"price": "49.5", "stock": "7"}, {"price": ""}]
+    )
+    assert [r.get("price") for r in rows] == [1299.0, 49.5, ""] and [r.get("stock") for r in rows[:2]] == [1000, 7]
+    assert isinstance(rows[0]["stock"], int)
+    # a decimal comma (12,50) or a misplaced separator is not read as thousands: the column stays text, with a note
+    odd = [{"price": "12,50"}, {"price": "3"}, {"price": "4"}, {"price": "1,2345"}, {"price": "8"}]
+    assert [r["price"] for r in shop._typed_columns(odd)] == ["12,50", "3", "4", "1,2345", "8"]
+    assert "'price' stays text: 2 of 5 values" in shop.mostly_numeric_text_columns(odd)[0]
 
 
 def test_catalogs_that_cannot_make_a_shop_are_refused_before_reading_images(small_shop, tmp_path):
@@ -413,6 +440,10 @@ def test_catalogs_that_cannot_make_a_shop_are_refused_before_reading_images(smal
     with pytest.warns(UserWarning, match=r"1 rows have more fields than the header \(lines 2\).*'articleType'"):
         loose = catalogs.load_csv_catalog(csv_path, check_files=False)
     assert loose.categories() == ["slim fit,Shirts", "Dresses"]  # what the repair did, said out loud
+    # a catalog that fails to load keeps what the loader noticed on the way in its message
+    (tmp_path / "latin.csv").write_bytes("path;Kategorie\r\nrobe.jpg;Robe d'été\r\n".encode("cp1252"))
+    with pytest.raises(FashsimError, match=r"(?s)no category column.*note: .*read as Windows-1252"):
+        shop.build_shop_collection(tmp_path / "latin.csv", tmp_path / "out", **FAST)
 
 
 def test_a_shop_collection_is_served_with_its_own_model(kaggle_build):
@@ -420,6 +451,8 @@ def test_a_shop_collection_is_served_with_its_own_model(kaggle_build):
 
     collection, model = webapp.resolve(kaggle_build.collection_dir)
     assert model == kaggle_build.model_path.resolve()
+    # the build's own folder (what `shop search` takes) serves the same collection and model
+    assert webapp.resolve(kaggle_build.out_dir) == (collection, model)
 
 
 def test_the_demo_crops_a_random_catalog_photo_of_the_models_own_size(tmp_path):
@@ -432,7 +465,7 @@ def test_the_demo_crops_a_random_catalog_photo_of_the_models_own_size(tmp_path):
         root, size=40, image_size=32, colours=["Red"], patterns=["Solid"], workers=1, progress=False
     )
     build = shop.build_shop_collection(
-        root, tmp_path / "out", train_seconds=1.0, train_options={"max_epochs": 1}, workers=1, progress=False
+        root, tmp_path / "out", train_seconds=1.0, max_epochs=1, workers=1, progress=False
     )
     app = SearchApp(build.searcher(), k=3, seed=0)
     hits = app.search_random()
@@ -452,6 +485,13 @@ def test_shop_metrics_and_split():
     scores = shop_eval.shop_metrics(perfect, records, ["articleType", "baseColour"], ks=(1, 2))
     assert scores["style_recall@1"] == scores["style_map@r"] == 1.0
     assert scores["baseColour_match@2"] == 1.0 and scores["category_recall@1"] == 1.0
+    # "category" is the catalog's category a build's records carry, whatever the label columns' order
+    by_colour = np.eye(2, dtype=np.float32)[[int(r["baseColour"] == "y") for r in records]]
+    by_colour += 0.01 * np.random.default_rng(1).normal(size=by_colour.shape)
+    kinds = [{**r, "category": r["articleType"]} for r in records]
+    scores = shop_eval.shop_metrics(by_colour, kinds, ["baseColour", "articleType"], ks=(1,))
+    assert scores["baseColour_recall@1"] == 1.0 and scores["articleType_recall@1"] < 0.8
+    assert scores["category_recall@1"] == scores["articleType_recall@1"]
     parts = shop_eval.shop_split(
         records * 2,
         ["articleType", "baseColour"],
@@ -513,6 +553,9 @@ def test_a_build_with_a_hold_out_is_measured_on_the_items_it_never_learnt(small_
     code = shop.main_build(["evaluate", str(out), "--baselines", "colour_histogram", "--workers", "1", "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0 and "60 held-out items" in printed and "| colour_histogram |" in printed
+    # one held-out item per style: no style pairs among them, and the output says why, not just "None"
+    assert "note: no held-out item has another item of its style" in printed
+    assert "with --hold-out 0.25 a style needs 6 items or more" in printed
     report = json.loads((out / shop.EVALUATION_FILE).read_text())
     assert report["sizes"]["test"] == 60 and set(report["methods"]) == {"trained", "colour_histogram"}
     test = np.asarray([n for n, r in enumerate(built.records) if r["id"] in held])

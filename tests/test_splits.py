@@ -28,17 +28,21 @@ def test_bad_fractions():
         splits.train_val_test_split([0, 1] * 10, val_fraction=0.6, test_fraction=0.5)
 
 
-def test_open_set_hides_whole_categories(fmnist_train):
+def test_the_course_open_set_hides_whole_categories(fmnist_train):
+    from fashsim.data.course_splits import make_course_splits
+    from fashsim.data.fashion_mnist import CLASS_NAMES
+
     labels = fmnist_train.labels
-    parts = splits.open_set_split(labels, [4, 6, 7], val_fraction=0.1, seed=0)
-    seen = np.concatenate([parts["train"], parts["val"]])
-    assert not np.isin(labels[seen], [4, 6, 7]).any()
-    assert set(np.unique(labels[parts["unseen"]])) == {4, 6, 7}
-    assert len(seen) + len(parts["unseen"]) == len(labels)
-    with pytest.raises(ValueError):
-        splits.open_set_split(labels, [42])
-    with pytest.raises(ValueError):
-        splits.open_set_split(labels, range(10))
+    parts, meta = make_course_splits(labels, open_set_holdout=["Coat", "Shirt", "Sneaker"])
+    held = [CLASS_NAMES.index(name) for name in ("Coat", "Shirt", "Sneaker")]
+    for seen, closed in (("open_train", "train"), ("open_val", "val")):
+        assert not np.isin(labels[parts[seen]], held).any()  # never trained or validated on
+        assert np.isin(parts[seen], parts[closed]).all()  # the closed-set split, less those classes
+        assert len(parts[seen]) == (~np.isin(labels[parts[closed]], held)).sum()
+    assert meta["open_set_holdout"] == ["Coat", "Shirt", "Sneaker"]
+    for bad in (["Cat"], []):
+        with pytest.raises(ValueError, match="must name Fashion-MNIST categories"):
+            make_course_splits(labels, open_set_holdout=bad)
 
 
 def test_save_and_load_round_trip(tmp_path):

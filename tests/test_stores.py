@@ -419,6 +419,8 @@ def test_command_line_conditions_read_values_as_the_columns_hold_them():
     }
     record = {"size": "8", "sku": "0001", "price": 12.5, "Base Colour": "Red", "misc": 3}
     assert to_predicate(where)(record)
+    quoted = parse_conditions(["Base Colour='Red'", 'sku="0001"', 'price<"50"'], kinds)  # quotes as a shell keeps them
+    assert quoted == {"Base Colour": [("==", "Red")], "sku": [("==", "0001")], "price": [("<", 50)]}
     for text, message in (
         ("colour=Red", "no column 'colour'; the columns are: id, source, category, Base Colour"),
         ("size<10", "size holds text"),

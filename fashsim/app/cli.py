@@ -77,7 +77,9 @@ def _cmd_train(args) -> int:
 
     config = from_arguments(args)
     out = args.out or default_model_path().parent
-    train_set, val_set = load_train_val(val_fraction=args.val_fraction, seed=config.seed)
+    # the course's split (notebook 01's) unless --val-fraction asks for another; --seed is the
+    # model's, sampler's and augmentation's seed, not the split's (as in notebook 02)
+    train_set, val_set = load_train_val(val_fraction=args.val_fraction)
     result = train(config, train_set, val_set, out, resume=not args.fresh)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
@@ -154,6 +156,7 @@ def _cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fashsim`` argument parser with every subcommand (it imports no torch)."""
     parser = argparse.ArgumentParser(prog="fashsim", description="Fashion image similarity search.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -188,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(train)
     train.add_argument("--budget", dest="max_seconds", type=float, help="alias of --max-seconds")
     train.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of the train split held out (default 0.1)"
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of the train split held out for validation (default: the course's split, 0.1, as notebook 01 saved it)",
     )
     train.add_argument("--out", help="output folder (default data/models/triplet)")
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
@@ -228,11 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="the search app as a web page (Voila) on http://127.0.0.1:PORT/")
     serve.add_argument(
-        "--collection", help="a saved collection folder (default data/index/fashion-mnist, built first if missing)"
+        "--collection",
+        help="a saved collection folder, or a shop build's folder (default data/index/fashion-mnist, built first "
+        "if missing)",
     )
     serve.add_argument(
         "--model",
-        help="its model file (default: model.pt in the collection folder, else "
+        help="its model file (default: model.pt in the collection folder or, for a shop build, beside it; else "
         "data/models/triplet/model.pt, trained first if missing)",
     )
     serve.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
@@ -265,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``fashsim`` with ``argv``; bad input gives a one-line error and exit code 1, Ctrl-C 130."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -77,10 +77,12 @@ def png_bytes(pixels: np.ndarray, *, size: int = 96) -> bytes:
 
 
 def data_uri(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URI for an ``<img>`` tag."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def human_size(n: int) -> str:
+    """A byte count as people read it: ``512 bytes``, ``3.4 KiB``, ``1.2 MiB``."""
     return f"{n / 2**20:.1f} MiB" if n >= 100 * 2**10 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
 
 
@@ -95,15 +97,18 @@ class Upload:
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "upload", size: int | None = None) -> Upload:
+        """An upload of ``data`` (``size``: what the browser reported, if known)."""
         return cls(name, data, len(data) if size is None else int(size), hashlib.sha256(data).hexdigest())
 
     @property
     def oversized(self) -> bool:
+        """Larger than :data:`MAX_UPLOAD_BYTES`, or cut short by the page for being so."""
         return (
             self.size > MAX_UPLOAD_BYTES or len(self.data) > MAX_UPLOAD_BYTES or self.data.startswith(OVERSIZED_MARKER)
         )
 
     def label(self) -> str:
+        """How the status line names the upload: name, size and hash prefix."""
         return f"{self.name} ({human_size(self.size)}, sha256 {self.sha256[:8]})"
 
 

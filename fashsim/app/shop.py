@@ -201,18 +201,25 @@ def stream_chunks(
 
 # ------------------------------------------------------------------ records
 _NUMBER = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?$")
+_GROUPED_NUMBER = re.compile(r"^-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?$")  # 1,299.00 (never 12,50: a decimal comma)
+
+
+def _is_number(text: str) -> bool:
+    return bool(_NUMBER.match(text) or _GROUPED_NUMBER.match(text))
 
 
 def _typed_columns(rows: list[dict]) -> list[dict]:
-    """Columns whose every non-empty value is a number become numbers (int when all are whole),
-    so filters such as ``price < 50`` compare numbers; everything else stays text."""
+    """Columns whose every non-empty value is a number (``1,299.00`` too: thousands separated by
+    commas) become numbers (int when all are whole), so filters such as ``price < 50`` compare
+    numbers; everything else stays text."""
     columns = {k for row in rows for k in row}
     numeric = {}
     for column in columns:
         values = [row.get(column) for row in rows]
         texts = [v for v in values if isinstance(v, str) and v != ""]
-        if texts and len(texts) == sum(v not in (None, "") for v in values) and all(_NUMBER.match(v) for v in texts):
-            numeric[column] = int if all(re.match(r"^-?\d+$", v) for v in texts) else float
+        if texts and len(texts) == sum(v not in (None, "") for v in values) and all(map(_is_number, texts)):
+            whole = all(re.match(r"^-?[\d,]+$", v) for v in texts)
+            numeric[column] = (lambda v: int(v.replace(",", ""))) if whole else (lambda v: float(v.replace(",", "")))
     return [
         {k: (numeric[k](v) if k in numeric and isinstance(v, str) and v != "" else v) for k, v in row.items()}
         for row in rows
@@ -225,7 +232,7 @@ def mostly_numeric_text_columns(records: Sequence[Mapping]) -> list[str]:
     notes = []
     for column in sorted({k for r in records for k, v in r.items() if isinstance(v, str)}):
         texts = [r[column] for r in records if isinstance(r.get(column), str) and r[column] != ""]
-        odd = [v for v in texts if not _NUMBER.match(v)]
+        odd = [v for v in texts if not _is_number(v)]
         if texts and 0 < len(odd) <= len(texts) / 2:
             examples = ", ".join(repr(v) for v in list(dict.fromkeys(odd))[:3])
             notes.append(
@@ -323,6 +330,7 @@ def build_shop_collection(
     multi_scale: bool = False,
     embedding_dim: int = 128,
     train_seconds: float | None = None,
+    max_epochs: int | None = None,
     train_indices: Sequence[int] | None = None,
     hold_out: float = 0.0,
     skip_unreadable: bool = False,
@@ -343,7 +351,8 @@ def build_shop_collection(
     item is indexed either way — pass a split's train rows to evaluate on the others.
     ``hold_out``: instead, keep this share of every style out of training (e.g. 0.2), so that
     :func:`evaluate_shop_build` can measure the search on items the model never learnt from.
-    ``train_seconds`` (default: the recipe's) bounds the training; ``train_options`` overrides
+    ``train_seconds`` and ``max_epochs`` (default: the recipe's) bound the training, whichever is
+    reached first (train longer: raise both); ``train_options`` overrides
     :class:`~fashsim.app.shop_train.ShopTrainConfig` fields; ``resume=False`` ignores cached
     chunks and checkpoints. ``csv_options`` go to :func:`~fashsim.data.catalogs.load_csv_catalog`.
     """
@@ -363,6 +372,10 @@ def build_shop_collection(
         )
     if hold_out and train_indices is not None:
         raise ValueError("give train_indices or hold_out, not both")
+    if train_seconds is not None and not train_seconds > 0:
+        raise ValueError(f"train_seconds must be > 0, got {train_seconds}")
+    if max_epochs is not None and max_epochs < 1:
+        raise ValueError(f"max_epochs must be ≥ 1, got {max_epochs}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -373,7 +386,12 @@ def build_shop_collection(
     else:
         with warnings.catch_warnings(record=True) as caught:  # skipped rows, encoding: into build.json too
             warnings.simplefilter("always")
-            catalog = open_catalog(catalog_or_path, **(csv_options or {}))
+            try:
+                catalog = open_catalog(catalog_or_path, **(csv_options or {}))
+            except FashsimError as exc:  # what the loader noticed on the way is often the clue
+                if caught:
+                    raise type(exc)(f"{exc}\n" + "\n".join(f"note: {w.message}" for w in caught)) from None
+                raise
         for warning in caught:
             notes.append(str(warning.message))
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -475,7 +493,7 @@ def build_shop_collection(
     config = ShopTrainConfig(
         **{
             "seconds": train_seconds if train_seconds is not None else r.seconds,
-            "max_epochs": r.max_epochs,
+            "max_epochs": max_epochs if max_epochs is not None else r.max_epochs,
             "lr": r.lr,
             "p": r.p,
             "k": r.k,
@@ -607,7 +625,7 @@ def evaluate_shop_build(
     :data:`~fashsim.evaluation.shop.BASELINES`), and also among every catalog item as the shop's
     search runs (``catalog``). Uses the vectors stored in the collection; writes the report
     (:func:`~fashsim.evaluation.shop.evaluate_shop`'s, plus ``table``) to ``<out>/evaluation.json``."""
-    from ..evaluation.shop import BASELINES, comparison_rows, evaluate_shop
+    from ..evaluation.shop import BASELINES, comparison_rows, evaluate_shop, held_out_count
     from ..search.collection import Collection
 
     out = Path(out_dir)
@@ -645,6 +663,15 @@ def evaluate_shop_build(
         progress=progress,
     )
     report["table"] = comparison_rows(report)
+    if not report["methods"]["trained"]["test"].get("style_queries") and summary.get("hold_out"):
+        fraction = summary["hold_out"]
+        pair = next(n for n in range(2, 10_000) if held_out_count(fraction, n) >= 2)
+        report["notes"].append(
+            "no held-out item has another item of its style among the held-out ones, so the style scores among "
+            f"them are None: with --hold-out {fraction:g} a style needs {pair} items or more for two to be held "
+            "out (hold out more, or label coarser styles); the category and per-column scores, and the search "
+            "among every catalog item, are measured all the same"
+        )
     atomic_write_bytes(out / EVALUATION_FILE, json.dumps(report, indent=2).encode())
     return report
 
@@ -704,6 +731,7 @@ def _cmd_build(args) -> int:
         backbone=args.backbone,
         image_size=args.image_size,
         train_seconds=args.train_seconds,
+        max_epochs=args.max_epochs,
         hold_out=args.hold_out,
         skip_unreadable=args.skip_unreadable,
         kind=args.kind,
@@ -733,9 +761,10 @@ def _cmd_evaluate(args) -> int:
     )
     print(markdown_table(report["table"]))
     catalog = report["methods"]["trained"]["catalog"]
+    scores = {name: catalog.get(f"{name}_recall@1") for name in ("style", "category")}
     print(
-        f"\namong every catalog item, as the shop searches: style R@1 {catalog['style_recall@1']:.3f}, "
-        f"category R@1 {catalog['category_recall@1']:.3f}"
+        "\namong every catalog item, as the shop searches: "
+        + ", ".join(f"{name} R@1 {'-' if value is None else f'{value:.3f}'}" for name, value in scores.items())
     )
     for note in report["notes"]:
         print(f"note: {note}")
@@ -750,6 +779,13 @@ def _cmd_search(args) -> int:
     searcher.require_category(args.category)
     where = parse_conditions(args.where, searcher.collection.metadata.field_kinds()) if args.where else None
     hits = searcher.search(args.image, k=args.k, category=args.category, where=where)
+    if not hits and (where or args.category):
+        asked = [*(args.where or []), *([f"category={args.category}"] if args.category else [])]
+        print(
+            f"no item matches {' and '.join(asked)} (values compare exactly: 'Red' is not 'red'; "
+            "several --where must all hold)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:
@@ -773,9 +809,9 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument(
         "--colours", type=int, default=DEFAULT_COLOURS, help=f"number of colours (default {DEFAULT_COLOURS})"
     )
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--workers", type=int, default=2)
-    gen.add_argument("--quiet", action="store_true")
+    gen.add_argument("--seed", type=int, default=0, help="the catalog follows from it (default 0)")
+    gen.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_generate)
 
     build = sub.add_parser("build", help="train an RGB embedding on a catalog and save a searchable collection")
@@ -801,6 +837,11 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
         help="training budget in seconds (default: the recipe's; small_cnn: 40 epochs or 400 s, whichever comes first)",
     )
     build.add_argument(
+        "--max-epochs",
+        type=int,
+        help="at most this many epochs (default: the recipe's; small_cnn 40): to train longer, raise it with --train-seconds",
+    )
+    build.add_argument(
         "--hold-out",
         type=float,
         default=0.0,
@@ -809,7 +850,12 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
         "`fashsim shop evaluate` (e.g. 0.2; default 0: train on every item)",
     )
     build.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out (listed)")
-    build.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    build.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "flat", "hnsw", "ivfpq"],
+        help="FAISS index kind (default auto: exact below 200 000 items, then HNSW; see fashsim.search.index.choose_kind)",
+    )
     build.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
     build.add_argument("--category-column", help="CSV: the category column (default: category/articleType/...)")
     build.add_argument("--path-column", help="CSV: the image path column (default: path/image/filename/...)")
@@ -820,13 +866,13 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
     )
     build.add_argument("--image-dir", help="CSV: the folder image paths are relative to")
     build.add_argument("--fresh", action="store_true", help="ignore cached features and checkpoints")
-    build.add_argument("--quiet", action="store_true")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_cmd_build)
 
     search = sub.add_parser("search", help="search a built shop with an image, optionally filtered")
     search.add_argument("shop", help="the --out folder of `shop build`")
     search.add_argument("image", help="an image file")
-    search.add_argument("-k", type=int, default=10)
+    search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     search.add_argument("--category", help="only items of this category")
     search.add_argument(
         "--where",
@@ -834,7 +880,7 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
         metavar="CONDITION",
         help="filter on any column, e.g. baseColour=Red or 'price<50' (repeatable)",
     )
-    search.add_argument("--json", action="store_true")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.set_defaults(func=_cmd_search)
 
     from ..evaluation.shop import BASELINES
@@ -852,21 +898,17 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
         help=f"baselines to compare with (default: all: {' '.join(BASELINES)}; --baselines alone: none)",
     )
     evaluate.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
-    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_cmd_evaluate)
     return shop
 
 
 def main_build(argv: Sequence[str] | None = None) -> int:
-    """``python -m fashsim.app.shop {generate,build,search,evaluate} ...`` (the same as ``fashsim shop ...``)."""
-    parser = argparse.ArgumentParser(prog="fashsim shop")
-    add_shop_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["shop", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args)
-    except (FashsimError, ValueError) as exc:
-        print(f"fashsim: error: {exc}", file=sys.stderr)
-        return 1
+    """``python -m fashsim.app.shop {generate,build,search,evaluate} ...``: ``fashsim shop ...``
+    itself (the same parser, messages and exit codes)."""
+    from .cli import main
+
+    return main(["shop", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ Two inputs, one loop:
   whole network trains, with flips and small shifts as augmentation (never colour jitter: colour
   is what the shop searches by).
 
-A checkpoint is written every ``checkpoint_seconds`` and at the end; a run interrupted and
-started again with the same data and configuration continues where it stopped (within the
-remaining budget), and a finished one is not trained again.
+A checkpoint is written every :data:`CHECKPOINT_SECONDS` of wall time and at the end; a run
+interrupted and started again with the same data and configuration continues where it stopped
+(within the remaining budget), and a finished one is not trained again.
 """
 
 from __future__ import annotations
@@ -64,10 +64,13 @@ class ShopTrainConfig:
     threads: int | None = None  # torch CPU threads while training (None: 1 for a head, auto_threads() for a CNN)
 
     def to_dict(self) -> dict:
+        """Every setting by name (saved with the checkpoint)."""
         return asdict(self)
 
 
 _RESUMABLE = {"seconds", "max_epochs", "threads"}
+#: how often an unfinished training is saved (a run killed sooner starts again from its beginning)
+CHECKPOINT_SECONDS = 20.0
 
 
 def auto_threads() -> int:
@@ -194,11 +197,17 @@ def train_shop_model(
                 generator.set_state(blob["generator"])
                 state = {**blob["state"], "resumed": True}
                 if blob.get("folded"):  # a finished run: its model is already the final one
-                    trained_for = blob.get("config", {}).get("seconds")
-                    if trained_for is not None and config.seconds is not None and config.seconds > trained_for:
+                    before = blob.get("config", {})
+                    longer = [
+                        f"{name} {getattr(config, name):g}"
+                        for name in ("seconds", "max_epochs")
+                        if before.get(name) is not None and getattr(config, name) > before[name]
+                    ]
+                    if longer:
                         print(
-                            f"note: the model in {path.parent} finished its {trained_for:g} s of training and is "
-                            f"reused as it is; to train it for {config.seconds:g} s, build afresh (--fresh)",
+                            f"note: the model in {path.parent} finished its training ({before.get('seconds'):g} s, "
+                            f"at most {before.get('max_epochs')} epochs) and is reused as it is; to train it with "
+                            f"{' and '.join(longer)}, build afresh (--fresh, resume=False)",
                             flush=True,
                         )
                     return {**state, "threads": threads}
@@ -273,7 +282,7 @@ def train_shop_model(
                 bar.n = min(round(state["elapsed"]), round(config.seconds))
                 bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", epoch=state["epoch"] + 1, refresh=False)
                 bar.update(0)
-                if path is not None and time.perf_counter() - last_save > 20:
+                if path is not None and time.perf_counter() - last_save > CHECKPOINT_SECONDS:
                     save()
                     last_save = time.perf_counter()
                 if state["elapsed"] >= config.seconds:

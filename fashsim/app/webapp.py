@@ -112,18 +112,21 @@ def default_paths() -> tuple[Path, Path]:
 def resolve(collection: str | os.PathLike | None = None, model: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """The collection folder and model file to serve: as given, else from ``$FASHSIM_COLLECTION`` /
     ``$FASHSIM_MODEL``, else a ``model.pt`` inside the collection folder (or beside it, for a shop
-    built with ``fashsim shop build --out OUT``: ``OUT/collection``), else the course defaults."""
+    built with ``fashsim shop build --out OUT``: ``OUT/collection``, also found from ``OUT``), else
+    the course defaults."""
     default_collection, default_model = default_paths()
     collection = collection or os.environ.get(ENV_COLLECTION) or default_collection
     if "://" in str(collection):  # a Milvus server (store "milvus"): a model must be given
         if not (model or os.environ.get(ENV_MODEL)):
             raise FashsimError(f"serving {collection} needs --model (there is no folder to find model.pt in)")
         return str(collection), Path(model or os.environ[ENV_MODEL]).expanduser().resolve()
+    from .shop import BUILD_FILE, COLLECTION_DIR, MODEL_FILE
+
     collection = Path(collection).expanduser().resolve()
+    if (collection / BUILD_FILE).is_file() and (collection / COLLECTION_DIR).is_dir():  # a shop's OUT itself
+        collection = collection / COLLECTION_DIR
     model = model or os.environ.get(ENV_MODEL)
     if model is None:
-        from .shop import BUILD_FILE, MODEL_FILE
-
         shop_model = collection.parent / MODEL_FILE  # `fashsim shop build --out OUT`: OUT/model.pt + OUT/collection
         if (collection / MODEL_FILE).is_file():
             model = collection / MODEL_FILE
@@ -213,7 +216,8 @@ def voila_environment(collection: Path, model: Path, base: dict | None = None) -
 
 
 def lab_arguments() -> list[str]:
-    """What ``make lab`` adds to ``jupyter lab``: the same websocket message limit as the web app."""
+    """The ``jupyter lab`` arguments that give it the web app's websocket message limit: what
+    ``make lab`` passes (its ``WS_MAX``; a test keeps the two equal) and the browser test uses."""
     return [f"--ServerApp.tornado_settings={{'websocket_max_message_size': {WEBSOCKET_MAX_MESSAGE_BYTES}}}"]
 
 

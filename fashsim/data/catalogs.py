@@ -24,7 +24,10 @@ from .datasets import ImageArrayDataset
 from .transforms import InputSpec, prepare_image
 from .uploads import load_image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: what the catalog loaders take as images (what Pillow decodes; HEIC needs a plug-in: convert those)
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff"}
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def _is_image_file(path: Path, extensions) -> bool:
 def load_image_folder(root: str | os.PathLike, *, extensions=IMAGE_EXTENSIONS) -> FileCatalog:
     """One sub-folder per category (``root/<category>/**/<image>``), like torchvision's ImageFolder.
 
-    Files with other extensions and hidden files are ignored; empty category folders are skipped.
+    Hidden files are ignored, and so are files with other extensions, with a warning that counts
+    them by extension (e.g. ``.heic ×12``: convert those); empty category folders are skipped.
     Paths are absolute (a collection built from the catalog works from any folder).
     """
     root = Path(root).absolute()
@@ -115,13 +119,27 @@ def load_image_folder(root: str | os.PathLike, *, extensions=IMAGE_EXTENSIONS) -
     paths: list[Path] = []
     labels: list[int] = []
     names: list[str] = []
+    ignored: dict[str, int] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in folder.rglob("*") if _is_image_file(p, extensions))
+        files = []
+        for p in sorted(folder.rglob("*")):
+            if _is_image_file(p, extensions):
+                files.append(p)
+            elif p.is_file() and not p.name.startswith("."):
+                suffix = p.suffix.lower() or "(no extension)"
+                ignored[suffix] = ignored.get(suffix, 0) + 1
         if not files:
             continue
         names.append(folder.name)
         paths.extend(files)
         labels.extend([len(names) - 1] * len(files))
+    if ignored:
+        counts = ", ".join(f"{suffix} ×{n}" for suffix, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
+        warnings.warn(
+            f"{root}: {sum(ignored.values())} files are not images fashsim reads and are left out ({counts}); "
+            f"it reads {', '.join(sorted(extensions))}: convert the others (e.g. HEIC) to JPEG or PNG",
+            stacklevel=2,
+        )
     if not paths:
         raise DatasetFormatError(
             f"{root} holds no images in category sub-folders: expected {root}/<category>/<image>"
@@ -214,6 +232,9 @@ def load_csv_catalog(
             if by_stem and relative not in listed:
                 relative = by_stem.get(record[id_column], relative)
         path = Path(relative) if Path(relative).is_absolute() else image_dir / relative
+        if "\\" in relative and os.sep == "/" and not path.is_file():  # a catalog written on Windows: pics\a.jpg
+            relative = relative.replace("\\", "/")
+            path = image_dir / relative
         if check_files and not path.is_file():
             skipped["missing image"] += 1
             missing.append(relative)
@@ -221,9 +242,14 @@ def load_csv_catalog(
         paths.append(path)
         categories.append(category)
         extra.append(record)
+    detail = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
+    where = f"; missing under {image_dir}: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+    if not paths:
+        raise DatasetFormatError(
+            f"{csv_path}: no usable rows (images looked up under {image_dir})"
+            + (f": skipped {sum(skipped.values())} rows ({detail}){where if missing else ''}" if detail else "")
+        )
     if any(skipped.values()):
-        detail = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
-        where = f"; missing under {image_dir}: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
         warnings.warn(
             f"{csv_path}: skipped {sum(skipped.values())} rows ({detail}){where if missing else ''}", stacklevel=2
         )
@@ -234,19 +260,18 @@ def load_csv_catalog(
             f"was joined into the last column, {header[-1]!r} — check them if a comma sits in another column",
             stacklevel=2,
         )
-    if not paths:
-        raise DatasetFormatError(f"{csv_path}: no usable rows (images looked up under {image_dir})")
     names, labels = np.unique(np.asarray(categories), return_inverse=True)
     return FileCatalog(tuple(paths), labels.astype(np.int64), tuple(str(n) for n in names), tuple(extra))
 
 
 def _read_csv_rows(csv_path: Path) -> list[list[str]]:
-    """The rows of a CSV file: UTF-8 (with or without a byte-order mark), else Windows-1252 as
-    spreadsheet programs save it (with a warning); the delimiter (``,`` ``;`` tab ``|``) found
-    from the header line."""
+    """The rows of a CSV file: UTF-8 (with or without a byte-order mark) or UTF-16 (with one),
+    else Windows-1252 as spreadsheet programs save it (with a warning); the delimiter (``,`` ``;``
+    tab ``|``) found from the header line."""
     raw = csv_path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        # UTF-16 with its byte-order mark (spreadsheets' "Unicode text"), else UTF-8 with or without one
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         try:
             text = raw.decode("cp1252")
@@ -267,12 +292,19 @@ def _images_by_stem(image_dir: Path) -> dict[str, str]:
         return {}
     with os.scandir(image_dir) as entries:
         return {
-            Path(e.name).stem: e.name for e in entries if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and e.is_file()
+            Path(e.name).stem: e.name
+            for e in entries
+            if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and e.is_file()
         }
 
 
-def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str = "list_eval_partition.txt") -> FileCatalog:
-    """DeepFashion In-shop Clothes Retrieval: ``root/list_eval_partition.txt`` + ``root/img/...``.
+_INSHOP_PARTITION = "list_eval_partition.txt"
+
+
+def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str | None = None) -> FileCatalog:
+    """DeepFashion In-shop Clothes Retrieval: ``root/list_eval_partition.txt`` (or, as the official
+    download has it, ``root/Eval/list_eval_partition.txt``; ``partition_file`` names another, relative
+    to ``root``) + ``root/img/...``.
 
     The partition file holds a count line, a header line (``image_name item_id evaluation_status``)
     and one line per image. The category is the path's ``<gender>/<type>`` (e.g. ``WOMEN/Dresses``);
@@ -280,9 +312,15 @@ def load_deepfashion_inshop(root: str | os.PathLike, *, partition_file: str = "l
     ``split`` (train / query / gallery, see :func:`fashsim.data.splits.inshop_split`).
     """
     root = Path(root).absolute()
+    if partition_file is None:
+        nested = not (root / _INSHOP_PARTITION).is_file() and (root / "Eval" / _INSHOP_PARTITION).is_file()
+        partition_file = f"Eval/{_INSHOP_PARTITION}" if nested else _INSHOP_PARTITION
     partition = root / partition_file
     if not partition.is_file():
-        raise DatasetNotFoundError(f"DeepFashion In-shop: {partition} does not exist")
+        raise DatasetNotFoundError(
+            f"DeepFashion In-shop: {partition} does not exist"
+            + (f" (nor {root / 'Eval' / _INSHOP_PARTITION})" if partition_file == _INSHOP_PARTITION else "")
+        )
     lines = [line.split() for line in partition.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < 2 or not lines[0][0].isdigit() or lines[1][:3] != ["image_name", "item_id", "evaluation_status"]:
         raise DatasetFormatError(
@@ -343,12 +381,7 @@ def open_catalog(path: str | os.PathLike, **csv_options) -> FileCatalog:
         root = path.parent if path.is_file() else path
         if path.is_file() and path.parent.name == "Eval":
             root = path.parent.parent
-        nested = (root / "Eval" / "list_eval_partition.txt").is_file() and not (
-            root / "list_eval_partition.txt"
-        ).is_file()
-        return load_deepfashion_inshop(
-            root, partition_file="Eval/list_eval_partition.txt" if nested else "list_eval_partition.txt"
-        )
+        return load_deepfashion_inshop(root)
     return load_image_folder(path)
 
 

@@ -130,6 +130,7 @@ class ShopParams:
     version: int = 1  # bump when the rendering changes
 
     def styles(self) -> int:
+        """How many styles (article type × colour × pattern) these parameters make."""
         return len(KAGGLE_CATEGORIES) * len(self.colours) * len(self.patterns)
 
 

@@ -33,13 +33,20 @@ def splits_file() -> Path:
     return data_dir() / "processed" / "fashion_mnist_splits.npz"
 
 
-def make_course_splits(labels: np.ndarray, *, val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = DEFAULT_SEED,
-                       open_set_holdout=DEFAULT_OPEN_SET_HOLDOUT) -> tuple[dict[str, np.ndarray], dict]:
+def make_course_splits(
+    labels: np.ndarray,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = DEFAULT_SEED,
+    open_set_holdout=DEFAULT_OPEN_SET_HOLDOUT,
+) -> tuple[dict[str, np.ndarray], dict]:
     """Index arrays into the official train split and their settings (see the module docstring)."""
     unknown = [name for name in open_set_holdout if name not in CLASS_NAMES]
     if unknown or not open_set_holdout:
-        raise ValueError(f"open_set_holdout must name Fashion-MNIST categories ({', '.join(CLASS_NAMES)}), "
-                         f"got {list(open_set_holdout)}")
+        raise ValueError(
+            f"open_set_holdout must name Fashion-MNIST categories ({', '.join(CLASS_NAMES)}), "
+            f"got {list(open_set_holdout)}"
+        )
     closed = train_val_test_split(labels, val_fraction=val_fraction, seed=seed)
     holdout_ids = [CLASS_NAMES.index(name) for name in open_set_holdout]
     seen = {part: closed[part][~np.isin(labels[closed[part]], holdout_ids)] for part in ("train", "val")}
@@ -49,6 +56,7 @@ def make_course_splits(labels: np.ndarray, *, val_fraction: float = DEFAULT_VAL_
 
 
 def save_course_splits(parts: dict[str, np.ndarray], meta: dict, path: str | Path | None = None) -> Path:
+    """Save the course's split indices and settings (default: :func:`splits_file`); returns the path."""
     path = Path(path) if path is not None else splits_file()
     save_splits(path, parts, **meta)
     return path
@@ -87,5 +95,10 @@ def load_open_set(test: ImageArrayDataset | None = None) -> OpenSet:
     test = test if test is not None else load_fashion_mnist("test")
     holdout_ids = [CLASS_NAMES.index(name) for name in meta["open_set_holdout"]]
     unseen = np.isin(test.labels, holdout_ids)
-    return OpenSet(full.subset(parts["open_train"]), full.subset(parts["open_val"]), test.subset(np.flatnonzero(unseen)),
-                   test.subset(np.flatnonzero(~unseen)), tuple(meta["open_set_holdout"]))
+    return OpenSet(
+        full.subset(parts["open_train"]),
+        full.subset(parts["open_val"]),
+        test.subset(np.flatnonzero(unseen)),
+        test.subset(np.flatnonzero(~unseen)),
+        tuple(meta["open_set_holdout"]),
+    )

@@ -114,9 +114,10 @@ def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> None:
         total = int(response.headers.get("Content-Length") or 0) or None
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, tqdm(
-                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-            ) as bar:
+            with (
+                os.fdopen(fd, "wb") as out,
+                tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+            ):
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -238,7 +239,6 @@ def load_fashion_mnist(
     return ImageArrayDataset(images, labels, CLASS_NAMES, source=str(folder))
 
 
-
 def load_train_val(
     val_fraction: float | None = None, seed: int | None = None, path: str | os.PathLike | None = None
 ) -> tuple[ImageArrayDataset, ImageArrayDataset]:
@@ -256,6 +256,9 @@ def load_train_val(
     if path is None and val_fraction in (None, DEFAULT_VAL_FRACTION) and seed in (None, DEFAULT_SEED):
         return load_course_train_val()
     full = load_fashion_mnist("train", path)
-    parts = train_val_test_split(full.labels, val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
-                                 seed=DEFAULT_SEED if seed is None else seed)
+    parts = train_val_test_split(
+        full.labels,
+        val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+        seed=DEFAULT_SEED if seed is None else seed,
+    )
     return full.subset(parts["train"]), full.subset(parts["val"])

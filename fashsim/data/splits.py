@@ -1,4 +1,5 @@
-"""Reproducible dataset splits: stratified train/val/test, open-set (held-out categories), In-shop."""
+"""Reproducible dataset splits: stratified train/val/test, In-shop, saved and loaded (the course's
+open-set split of held-out categories: :mod:`fashsim.data.course_splits`)."""
 
 from __future__ import annotations
 
@@ -39,28 +40,6 @@ def train_val_test_split(
         )
         parts[name] = np.sort(taken)
     return {"train": np.sort(rest), "val": parts["val"], "test": parts["test"]}
-
-
-def open_set_split(
-    labels: Sequence[int] | np.ndarray,
-    holdout_classes: Sequence[int],
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Hold out whole categories: 'train'/'val' contain only seen classes, 'unseen' only the
-    ``holdout_classes`` (never seen in training: an honest test of generalisation)."""
-    labels = np.asarray(labels)
-    holdout = np.asarray(sorted(set(int(c) for c in holdout_classes)))
-    present = np.unique(labels)
-    if holdout.size == 0 or not np.isin(holdout, present).all():
-        raise ValueError(f"holdout_classes {holdout.tolist()} must be non-empty and among the labels {present.tolist()}")
-    if np.isin(present, holdout).all():
-        raise ValueError("at least one class must stay in training")
-    unseen_mask = np.isin(labels, holdout)
-    seen = np.flatnonzero(~unseen_mask)
-    split = train_val_test_split(labels[seen], val_fraction=val_fraction, seed=seed)
-    return {"train": seen[split["train"]], "val": seen[split["val"]], "unseen": np.flatnonzero(unseen_mask)}
 
 
 def inshop_split(catalog) -> dict[str, np.ndarray]:

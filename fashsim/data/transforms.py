@@ -40,6 +40,7 @@ class InputSpec:
             )
 
     def to_dict(self) -> dict:
+        """The spec as JSON-ready values (saved with a model)."""
         data = {
             "size": self.size,
             "channels": self.channels,
@@ -53,6 +54,7 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> InputSpec:
+        """The spec saved by :meth:`to_dict`."""
         return cls(
             size=int(data["size"]),
             channels=int(data["channels"]),

@@ -21,13 +21,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InvalidImageError
 
-#: refuse to decode images that declare more pixels than this (decompression-bomb guard).
+#: refuse to decode images that declare more pixels than this (decompression-bomb guard) ...
 MAX_PIXELS = 64_000_000
+#: ... except JPEG photos, up to 4× that (a 108 MP phone camera's): they are decoded at reduced
+#: scale (``draft``, 1/8 of each side at most), so they never take their full size in memory.
+JPEG_PIXELS_FACTOR = 4
 #: refuse files larger than this many bytes.
 MAX_BYTES = 64 * 1024 * 1024
 #: photos are downscaled to at most this longest side right after decoding.
 WORKING_SIZE = 1024
-
 
 
 _IMAGE_MAGIC = (
@@ -87,14 +89,14 @@ def _open(source) -> tuple[Image.Image, str]:
     if len(data) > MAX_BYTES:
         raise InvalidImageError(f"{name}: larger than the {MAX_BYTES // 2**20} MiB limit")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # load_image applies its own, stricter limit (PIL's warns above 89 MP)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidImageError(f"{name}: this is {_describe_non_image(data)}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise InvalidImageError(
-            f"{name}: refused, it declares more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+            f"{name}: refused, it declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
             " (possible decompression bomb)"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -161,10 +163,11 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, working_size: int | None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"{name}: the image has zero size ({width}×{height})")
-    if width * height > max_pixels:
+    limit = max_pixels * (JPEG_PIXELS_FACTOR if working_size and image.format == "JPEG" else 1)
+    if width * height > limit:
         raise InvalidImageError(
             f"{name}: refused, it declares {width}×{height} = {width * height / 1e6:.0f} megapixels, "
-            f"more than the {max_pixels / 1e6:.0f} MP limit (possible decompression bomb)"
+            f"more than the {limit / 1e6:.0f} MP limit for {image.format or 'such'} images (possible decompression bomb)"
         )
     try:
         if getattr(image, "n_frames", 1) > 1:

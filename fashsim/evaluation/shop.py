@@ -120,7 +120,8 @@ def shop_metrics(
     """Style Recall@K, MAP@R and R-precision, plus ``<column>-match@K`` and ``<column> R@1`` for
     every label column, leave-one-out among ``embeddings`` (one per record). ``queries``: rows
     that query (default all); the others are gallery only. ``category_column`` (default: the
-    first label column) is also reported under the name ``category``."""
+    records' ``category``, the catalog's category, where they all have one, else the first label
+    column) is reported as ``category_recall@1``."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = len(x)
     rows = np.arange(n) if queries is None else np.asarray(queries, np.int64)
@@ -146,9 +147,13 @@ def shop_metrics(
         out[f"{column}_recall@1"] = float(same[:, 0].mean())
         for k in ks:
             out[f"{column}_match@{k}"] = float(same[:, :k].mean())
-    category_column = category_column or label_columns[0]
+    if category_column is None:  # the catalog's category (a build's records carry it), else the first label
+        category_column = "category" if all("category" in r for r in records) else label_columns[0]
     if category_column in per_column:
         out["category_recall@1"] = out[f"{category_column}_recall@1"]
+    elif all(category_column in r for r in records):
+        category = _column(records, category_column)
+        out["category_recall@1"] = float((category[idx[:, 0]] == category[rows]).mean())
     return out
 
 

@@ -52,6 +52,7 @@ class SmallCNN(nn.Module):
         self.out_features = 2 * w3  # average- and max-pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, 2·w3)``: the last stage average- and max-pooled."""
         x = self.stage3(self.stage2(self.stage1(x)))
         return torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], dim=1).flatten(1)
 
@@ -230,10 +231,12 @@ class EmbeddingNet(nn.Module):
 
     @property
     def input_spec(self) -> InputSpec:
+        """The input format this model was trained on (size, channels, normalisation, preparation)."""
         return InputSpec.from_dict(self.config["input_spec"])
 
     @property
     def embedding_dim(self) -> int:
+        """The embedding's dimension."""
         return self.config["embedding_dim"]
 
     @property

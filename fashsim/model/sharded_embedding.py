@@ -68,6 +68,7 @@ def _dist():
 
 
 def shard_name(shard: int) -> str:
+    """The file stem of shard number ``shard``: ``shard-00042``."""
     return f"shard-{shard:05d}"
 
 
@@ -407,7 +408,12 @@ def add_embed_shards_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--shards", help="shard folder (default <out>.shards)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard (default 10000)")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
-    parser.add_argument("--workers", type=int, default=0, help="image-decoding workers per process (catalogs)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="image-decoding workers per process (catalogs; default 0: in the process)",
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -417,7 +423,12 @@ def add_embed_shards_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", help="collection folder (default data/index/fashion-mnist, or data/index/<catalog folder name>)"
     )
-    parser.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    parser.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "flat", "hnsw", "ivfpq"],
+        help="FAISS index kind of the merged collection (default auto: by its size)",
+    )
     parser.add_argument("--no-merge", action="store_true", help="only embed the shards")
     parser.set_defaults(func=main_embed_shards)
     return parser

@@ -100,6 +100,7 @@ class Collection:
 
     @property
     def dim(self) -> int:
+        """The embedding dimension the index holds."""
         return self.index.dim
 
     def __len__(self) -> int:
@@ -125,6 +126,7 @@ class Collection:
         return removed
 
     def categories(self) -> dict[str, int]:
+        """Items per category."""
         return self.metadata.categories()
 
     # ------------------------------------------------------------ search
@@ -245,7 +247,7 @@ class Collection:
         if not pointer.is_file():
             raise CorruptIndexError(
                 f"no saved index in {directory} (CURRENT is missing): build it first "
-                "(notebook 03 or `python -m fashsim index`)"
+                "(notebook 03 or `python -m fashsim index`; a shop: `python -m fashsim shop build`)"
             )
         version = directory / pointer.read_text().strip()
         try:
@@ -269,7 +271,7 @@ class Collection:
                 raise IndexMismatchError(
                     f"the index in {directory} was built with model {manifest['model_fingerprint']}, "
                     f"not with the loaded model {actual}: rebuild the index with this model "
-                    "(notebook 03 or `python -m fashsim index`)"
+                    "(notebook 03 or `python -m fashsim index`; a shop: `python -m fashsim shop build`)"
                 )
         if expected_dim is not None and manifest["embedding_dim"] != expected_dim:
             raise IndexMismatchError(

@@ -111,14 +111,15 @@ def _typed(text: str):
 
 def parse_conditions(texts, fields: Mapping[str, str] | None = None) -> dict | None:
     """The dict form from conditions written as text, e.g. ``["baseColour=Red", "price<50",
-    "pattern!=Solid"]`` (the ``--where`` of the command line): ``=``/``==``, ``!=``, ``<``,
-    ``<=``, ``>``, ``>=``; comparisons are exact ("Red" is not "red"). None for no conditions;
-    :class:`FilterError` for text it cannot read.
+        "pattern!=Solid"]`` (the ``--where`` of the command line): ``=``/``==``, ``!=``, ``<``,
+        ``<=``, ``>``, ``>=``; a value may be quoted (``baseColour="Navy Blue"``); comparisons are exact
+    ("Red" is not "red"). None for no conditions;
+        :class:`FilterError` for text it cannot read.
 
-    ``fields`` (a collection's ``field_kinds()``: name → number | text | mixed) makes the reading
-    exact: an unknown column is refused (the known ones are listed), a text column's value stays
-    text (``size=8``, ``sku=0001``), a number column's must be a number, and ``<``/``>`` on a text
-    column is refused. Without it, values that read as numbers are numbers."""
+        ``fields`` (a collection's ``field_kinds()``: name → number | text | mixed) makes the reading
+        exact: an unknown column is refused (the known ones are listed), a text column's value stays
+        text (``size=8``, ``sku=0001``), a number column's must be a number, and ``<``/``>`` on a text
+        column is refused. Without it, values that read as numbers are numbers."""
     if not texts:
         return None
     if isinstance(texts, str):
@@ -129,6 +130,8 @@ def parse_conditions(texts, fields: Mapping[str, str] | None = None) -> dict | N
         if not match:
             raise FilterError(f"cannot read the filter {text!r}: write COLUMN=VALUE, COLUMN!=VALUE or COLUMN<NUMBER")
         field, op, value = match.groups()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # baseColour="Navy Blue"
+            value = value[1:-1]
         kind = _field_kind(fields, field, text)
         value = value if kind == "text" else _typed(value)
         if kind == "number" and isinstance(value, str):

@@ -76,7 +76,6 @@ AUTO_HNSW_FROM = 200_000
 #: ``ivfsq`` rather than ``ivfpq_refine``: on the 1 M benchmark it has the better recall (0.97 vs
 #: 0.956), memory (30 % vs 34 % of flat), speed and build time, and deletes in place.
 AUTO_COMPACT_FROM = 5_000_000
-AUTO_IVFPQ_FROM = AUTO_COMPACT_FROM  # the name before the compact kind changed
 #: FAISS k-means warns below 39 training points a centroid (``ClusteringParameters.
 #: min_points_per_centroid``): fewer give poorly placed centroids, so nlist is capped by it.
 MIN_TRAINING_POINTS_PER_CENTROID = 39
@@ -331,6 +330,7 @@ class VectorIndex:
 
     @property
     def needs_training(self) -> bool:
+        """True until :meth:`train` has run for a kind that learns from data (IVF, PQ)."""
         return self._index is None or not self._index.is_trained
 
     def train(self, sample: np.ndarray, n_items: int | None = None) -> None:

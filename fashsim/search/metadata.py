@@ -174,6 +174,7 @@ class MetadataStore:
 
     # ------------------------------------------------------------ history
     def log_search(self, k: int, category: str | None, result_ids) -> None:
+        """Append one search (when, k, category filter, result ids) to the search history."""
         with self.lock, self.conn:
             self.conn.execute(
                 "INSERT INTO search_history (at, k, category, result_ids) VALUES (?, ?, ?, ?)",

@@ -84,6 +84,7 @@ def _pymilvus():
 
 # ---------------------------------------------------------------- locations and clients
 def is_server_uri(location) -> bool:
+    """True for a Milvus server address (``http(s)://``, ``tcp://``, ``grpc://``), False for a Milvus Lite file."""
     return isinstance(location, str) and location.split("://", 1)[0].lower() in ("http", "https", "tcp", "grpc")
 
 
@@ -473,7 +474,7 @@ class MilvusCollection:
         if not client.has_collection(self._name):
             raise CorruptIndexError(
                 f"no collection {self._name!r} in {self.location}: build it first "
-                "(notebook 03 or `python -m fashsim index`)"
+                "(notebook 03 or `python -m fashsim index`; a shop: `python -m fashsim shop build`)"
             )
         description = client.describe_collection(self._name)
         props = description.get("properties") or {}
@@ -584,7 +585,7 @@ class MilvusCollection:
                     raise IndexMismatchError(
                         f"the index in {collection.location} was built with model {collection.model_fingerprint}, "
                         f"not with the loaded model {actual}: rebuild the index with this model "
-                        "(notebook 03 or `python -m fashsim index`)"
+                        "(notebook 03 or `python -m fashsim index`; a shop: `python -m fashsim shop build`)"
                     )
             if expected_dim is not None and collection.dim != expected_dim:
                 raise IndexMismatchError(

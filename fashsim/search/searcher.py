@@ -90,4 +90,5 @@ class Searcher:
         return self.search_prepared(self.prepare(image), k, category=category, where=where, log=log)
 
     def categories(self) -> list[str]:
+        """The collection's category names."""
         return list(self.collection.categories())

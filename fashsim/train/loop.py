@@ -75,6 +75,7 @@ class CollapseMonitor:
         self.threshold, self.patience, self.low_steps = threshold, patience, 0
 
     def update(self, spread: float) -> bool:
+        """Record one step's embedding spread; True on the step the collapse is declared."""
         self.low_steps = self.low_steps + 1 if spread < self.threshold else 0
         return self.low_steps == self.patience
 
@@ -94,6 +95,9 @@ class TrainState:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: the best model, the per-epoch history, the best epoch's record,
+    where it was saved and why it stopped."""
+
     model: EmbeddingNet
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)
