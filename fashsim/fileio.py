@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -23,11 +24,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # concurrent writers never share one
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # interrupted (Ctrl-C) or failed (disk full): no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     return path
 
@@ -54,3 +59,21 @@ def fsync_file(path: str | os.PathLike) -> None:
     """Flush a file's content to disk."""
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold an exclusive advisory lock on the file ``path`` (created if needed) for the block:
+    another process (or thread) asking for it waits until the block ends. POSIX ``flock``; where
+    there is none (Windows), the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -54,13 +54,19 @@ def test_values_that_cannot_work_are_refused_in_one_line(tmp_path, capsys):
         (["train", "--epochs", "0", "--out", str(tmp_path / "m")], "epochs, embedding_dim and val_every must be ≥ 1"),
         (["train", "--max-seconds", "-1", "--out", str(tmp_path / "m")], "max_seconds must be > 0"),
         (["data", "--check", "--path", str(tmp_path / "nowhere")], "not found in the folder given"),
+        (["train", "--patience", "0", "--out", str(tmp_path / "m")], "patience must be ≥ 1"),
+        (["train", "--val-max-items", "1", "--out", str(tmp_path / "m")], "val_max_items must be ≥ 20"),
+        (["embed-shards", "--batch-size", "-1", "--out", str(tmp_path / "s")], "--batch-size must be ≥ 1"),
+        (["search", "x.png", "--model", str(tmp_path / "m")], "no model at"),
     ):
         assert cli.main(argv) == 1
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, err
     assert not (tmp_path / "m").exists()
-    with pytest.raises(SystemExit):  # argparse: a usage error, exit 2
-        cli.main(["index", "--max-per-split", "0"])
+    for usage in (["index", "--max-per-split", "0"], ["search", "x.png", "-k", "0"]):
+        with pytest.raises(SystemExit):  # argparse: a usage error, exit 2
+            cli.main(usage)
+    assert not (tmp_path / "s.shards").exists()  # refused before any shard was written
     with pytest.raises(ValueError, match="between 0 and 1"):
         load_train_val(val_fraction=0)
 

@@ -49,6 +49,10 @@ def test_hostile_file_on_disk_names_the_file(tmp_path):
         uploads.load_image(path)
     with pytest.raises(InvalidImageError, match="no such file"):
         uploads.load_image(tmp_path / "missing.png")
+    with pytest.raises(InvalidImageError, match="a folder, not an image file"):
+        uploads.load_image(tmp_path)
+    with pytest.raises(InvalidImageError, match="not a regular file"):
+        uploads.load_image("/dev/null")
 
 
 def test_pixel_limit_below_pil_bomb_threshold():

@@ -122,6 +122,28 @@ def test_duplicate_ids_are_refused_and_nothing_half_added(data):
     assert c.search(-x[:1], 1)[0][0].id == 1000
 
 
+def test_broken_vectors_and_negative_ids_are_refused_and_scale_does_not_matter(data):
+    c = build("flat", data)
+    x, _ = data
+    before = len(c)
+    for bad, message in ((np.full((1, 32), np.inf, np.float32), "NaN or infinite"), (np.zeros((1, 32)), "all zeros")):
+        with pytest.raises(VectorIndexError, match=message):
+            c.add(bad, [{"id": 1, "source": "bad", "category": "z"}])
+        with pytest.raises(VectorIndexError, match=message):
+            c.search(bad, 3)
+    query = x[:1].copy()
+    query[0, 3] = np.nan
+    with pytest.raises(VectorIndexError, match=r"1 of 1 vectors hold NaN"):
+        c.search(query, 3)
+    with pytest.raises(VectorIndexError, match="ids must be ≥ 0"):
+        c.add(x[7:8], [{"id": -5, "source": "neg", "category": "z"}])
+    assert len(c) == before and len(c.metadata) == before  # nothing half-added
+    # an embedding scaled by 100 is the same direction: it is stored as a unit vector (cosine)
+    c.add(100 * x[7:8], [{"id": 7, "source": "loud", "category": "z"}])
+    hits = c.search(x[7:8], 2)[0]
+    assert {h.id for h in hits} == {7, 1007} and max(h.score for h in hits) <= 1.0 + 1e-5
+
+
 def test_auto_kind_thresholds():
     assert choose_kind(70_000) == "flat"
     assert choose_kind(1_000_000) == "hnsw"
@@ -197,6 +219,10 @@ def test_load_refuses_mismatched_model_and_corruption(data, tmp_path):
         coll.Collection.load(tmp_path / "idx")
     with pytest.raises(coll.CorruptIndexError, match="build it first"):
         coll.Collection.load(tmp_path / "empty")
+    for damaged in ('{"format_version": 1}', "[]", "null", '{"sha256": 3, "model_fingerprint": null}'):
+        (version / "manifest.json").write_text(damaged)  # valid JSON, edited by hand: no traceback either
+        with pytest.raises(coll.CorruptIndexError, match="the manifest is damaged"):
+            coll.Collection.load(tmp_path / "idx")
 
 
 def test_corrupt_faiss_bytes_with_matching_checksum_are_refused(data, tmp_path):
@@ -239,6 +265,45 @@ def test_kill_minus_9_mid_save_leaves_previous_version_loadable(data, tmp_path):
     x, _ = data
     if len(loaded) == len(c):
         assert loaded.search(x[:1], 1)[0][0].id == 1000
+
+
+def test_loads_during_saves_and_two_savers_never_fail(data, tmp_path):
+    """A reader (the demo's kernels, `fashsim search`) loading while another process saves a new
+    version, and two savers at once: every load gets a complete version, no save breaks another."""
+    import threading
+
+    target = tmp_path / "busy"
+    c = build("flat", data)
+    c.save(target)
+    errors, loads = [], []
+
+    def save_repeatedly():
+        try:
+            for _ in range(25):
+                c.save(target)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(repr(exc))
+
+    def load_repeatedly(stop):
+        while not stop.is_set():
+            try:
+                loads.append(len(coll.Collection.load(target)))
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(repr(exc))
+
+    stop = threading.Event()
+    savers = [threading.Thread(target=save_repeatedly) for _ in range(2)]
+    readers = [threading.Thread(target=load_repeatedly, args=(stop,)) for _ in range(2)]
+    for thread in savers + readers:
+        thread.start()
+    for thread in savers:
+        thread.join()
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert errors == [] and loads and set(loads) == {len(c)}
+    versions = sorted(p.name for p in target.iterdir() if p.is_dir())
+    assert len(versions) == 2 and (target / "CURRENT").read_text() in versions  # the current one and the one before
 
 
 def test_catalog_db_round_trip(tmp_path):

@@ -237,6 +237,15 @@ def test_add_remove_upsert(store_kit, data):
         collection.add(vectors[:2], [dict(records[0], id=9000), dict(records[1], id=9000)])  # repeated id
     with pytest.raises(FashsimError):
         collection.add(vectors[:2], records[:1])
+    # the same refusals on both stores: a broken embedding, a negative id (and a NaN query)
+    broken = vectors[:1].copy()
+    broken[0, 2] = np.inf
+    with pytest.raises(VectorIndexError, match="NaN or infinite"):
+        collection.add(broken, [dict(records[0], id=9001)])
+    with pytest.raises(VectorIndexError, match="ids must be ≥ 0"):
+        collection.add(vectors[:1], [dict(records[0], id=-5)])
+    with pytest.raises(VectorIndexError, match="NaN or infinite"):
+        collection.search(broken * np.nan, 3)
     assert len(collection) == N
 
     assert collection.remove(ids[:5]) == 5
@@ -471,6 +480,8 @@ def test_milvus_specifics(data, milvus_db, tmp_path):
     reopened.close()
 
     first = build_collection(vectors, records, store="milvus", location=path, collection_name="same", client=client)
+    # what a build killed half-way leaves: a staging collection, dropped by the next build
+    MilvusCollection(DIM, "flat", location=path, collection_name="same_staging_1795867071567974577", client=client)
     second = build_collection(
         vectors[:10], records[:10], store="milvus", location=path, collection_name="same", client=client
     )

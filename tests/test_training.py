@@ -174,6 +174,12 @@ def test_resume_continues_this_run_and_sets_other_runs_aside(tiny_data, tmp_path
     done = training.train(config, fewer, val_set, tmp_path, progress=False)
     assert "resuming from" in capsys.readouterr().out and len(done.history) == 3 and len(set_aside_runs()) == 3
 
+    # a model without its checkpoint (deleted by hand, as an unreadable one's message once advised) is kept too
+    (tmp_path / training.RUN_FILES[0]).unlink()
+    training.train(config, fewer, val_set, tmp_path, progress=False)
+    assert "holds an earlier run's files but no checkpoint of it" in capsys.readouterr().out
+    assert len(set_aside_runs()) == 4 and history_in(set_aside_runs()[-1]) == done.history
+
 
 def test_time_budget_stops(tiny_data, tmp_path):
     """Also the float32 CPU path (amp=False), which CPUs without native bf16 take."""

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="the catalog items most similar to an image")
     search.add_argument("image", help="an image file (JPEG, PNG, WebP, ...)")
-    search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
     search.add_argument("--category", help="only items of this category")
     search.add_argument("--model", help="model file (default data/models/triplet/model.pt)")
     search.add_argument(

@@ -71,8 +71,10 @@ def _open(source) -> tuple[Image.Image, str]:
         return _from_array(source), "array"
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise InvalidImageError(f"{path}: a folder, not an image file")
         if not path.is_file():
-            raise InvalidImageError(f"{path}: no such file")
+            raise InvalidImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
         size = path.stat().st_size
         name = str(path)
         if size > MAX_BYTES:

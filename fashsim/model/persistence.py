@@ -47,7 +47,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         blob = torch.load(path, map_location="cpu", weights_only=True)
         config = blob["config"]
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise FashsimError(f"{path} is not a readable fashsim model ({exc})") from None
+        # torch's own message suggests weights_only=False, which is unsafe advice for a file of unknown origin
+        raise FashsimError(
+            f"{path} is not a readable fashsim model (a file saved by save_model: model.pt; torch.load "
+            f"failed with {type(exc).__name__})"
+        ) from None
     try:
         model = EmbeddingNet(
             config["backbone"],

@@ -462,6 +462,9 @@ def main_embed_shards(args) -> int:
     from ..train.distributed import init_process_group, launched_by_torchrun, local_rank, local_world_size
     from .persistence import fingerprint, load_model
 
+    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
+        if value < 1:  # before any shard is written (an empty one would count as finished)
+            raise ValueError(f"{flag} must be ≥ 1, got {value}")
     if launched_by_torchrun():
         init_process_group("cpu")  # gloo: the shards only need a barrier
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

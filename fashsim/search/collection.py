@@ -11,7 +11,9 @@ On disk::
     <directory>/v-<timestamp>/catalog.sqlite
 
 A save writes a whole new version (files fsync'ed) and only then switches ``CURRENT`` with an
-atomic rename, so a process killed mid-save leaves the previous version loadable. Loading
+atomic rename, so a process killed mid-save leaves the previous version loadable. Savers take
+turns (a lock file, ``.save.lock``); the version before the current one is kept until the next
+save, and a load that loses its version to a concurrent save reads the new one. Loading
 verifies the checksums (a truncated or corrupted file is refused) and, given the model, that the
 index was built by that very model (dimension and fingerprint). ``factory`` is the FAISS factory
 string of the index (:mod:`fashsim.search.index`); collections saved before it was recorded have
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,13 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FashsimError
-from ..fileio import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
+from ..fileio import atomic_write_bytes, exclusive_lock, fsync_dir, fsync_file, sha256_file
 from .filters import to_predicate
 from .index import VectorIndex, choose_kind
-from .metadata import MetadataStore
+from .metadata import MetadataError, MetadataStore
 
 FORMAT_VERSION = 1
 FILES = ("vectors.faiss", "ids.npy", "catalog.sqlite")
+SAVE_LOCK = ".save.lock"  # held while a version is written (savers take turns)
+LOAD_ATTEMPTS = 5  # a load that lost its version to a concurrent save reads the newer one, this many times at most
 
 
 class IndexMismatchError(FashsimError):
@@ -204,6 +209,12 @@ class Collection:
         """Save atomically as a new version of ``directory`` (see the module docstring)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(directory / SAVE_LOCK):  # two savers: one after the other, never in each other's files
+            return self._save_version(directory)
+
+    def _save_version(self, directory: Path) -> Path:
+        pointer = directory / "CURRENT"
+        previous = pointer.read_text().strip() if pointer.is_file() else None
         version = f"v-{time.time_ns()}"
         staging = directory / f".{version}.partial"
         staging.mkdir()
@@ -230,9 +241,15 @@ class Collection:
         final = directory / version
         os.replace(staging, final)
         fsync_dir(directory)
-        atomic_write_bytes(directory / "CURRENT", version.encode())
-        for old in directory.iterdir():  # earlier versions and abandoned partial saves
-            if old.is_dir() and old.name != version and (old.name.startswith("v-") or old.name.endswith(".partial")):
+        atomic_write_bytes(pointer, version.encode())
+        # older versions and abandoned partial saves go; the previous version stays until the next
+        # save, for a reader that read CURRENT just before the switch
+        for old in directory.iterdir():
+            if (
+                old.is_dir()
+                and old.name not in (version, previous)
+                and (old.name.startswith("v-") or old.name.endswith(".partial"))
+            ):
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -249,16 +266,40 @@ class Collection:
                 f"no saved index in {directory} (CURRENT is missing): build it first "
                 "(notebook 03 or `python -m fashsim index`; a shop: `python -m fashsim shop build`)"
             )
-        version = directory / pointer.read_text().strip()
+        for attempt in range(LOAD_ATTEMPTS):
+            name = pointer.read_text().strip()
+            try:
+                return cls._load_version(directory / name, model=model, expected_dim=expected_dim, use_gpu=use_gpu)
+            except (CorruptIndexError, MetadataError, OSError, sqlite3.Error):
+                # another process saved a newer version (and removed this one) while it was read: read
+                # the newer one; a version that is still current is really broken
+                if attempt == LOAD_ATTEMPTS - 1 or pointer.read_text().strip() == name:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_version(
+        cls, version: Path, *, model=None, expected_dim: int | None = None, use_gpu: bool | str = "auto"
+    ) -> Collection:
+        directory = version.parent
         try:
             manifest = json.loads((version / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
             raise CorruptIndexError(f"{version}: unreadable manifest ({exc})") from None
+        needed = ("sha256", "model_fingerprint", "embedding_dim", "kind", "params")
+        if not (
+            isinstance(manifest, dict)
+            and all(key in manifest for key in needed)
+            and isinstance(manifest["sha256"], dict)
+        ):
+            raise CorruptIndexError(
+                f"{version}: the manifest is damaged (it needs {', '.join(needed)}); rebuild the index"
+            )
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CorruptIndexError(f"{version}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
         for name in FILES:
             path = version / name
-            if not path.is_file() or sha256_file(path) != manifest["sha256"][name]:
+            if not path.is_file() or sha256_file(path) != manifest["sha256"].get(name):
                 raise CorruptIndexError(
                     f"{path} is missing, truncated or corrupted (checksum mismatch); rebuild the index"
                 )

@@ -229,15 +229,42 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
-def _as_matrix(vectors, dim: int) -> np.ndarray:
+def as_vectors(vectors, dim: int) -> np.ndarray:
+    """``vectors`` as float32 ``(N, dim)``: another dimension, or a NaN or infinite value (a
+    broken embedding, which would otherwise rank first for every query or never be found), is
+    refused with :class:`VectorIndexError`."""
     x = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
     if x.ndim != 2 or x.shape[1] != dim:
         raise VectorIndexError(f"expected vectors of dimension {dim}, got shape {np.shape(vectors)}")
+    broken = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if broken.size:
+        raise VectorIndexError(
+            f"{broken.size} of {len(x)} vectors hold NaN or infinite values (rows {broken[:5].tolist()}): "
+            "they cannot be indexed or searched"
+        )
     return x
+
+
+def unit_vectors(vectors, dim: int) -> np.ndarray:
+    """:func:`as_vectors`, L2-normalised row by row (inner product = cosine similarity, whatever
+    the scale an embedding came with); a zero vector has no direction and is refused."""
+    x = as_vectors(vectors, dim)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise VectorIndexError(f"{int((norms == 0).sum())} vectors are all zeros: they have no direction to compare")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
 def _as_ids(ids) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
+
+
+def as_ids(ids) -> np.ndarray:
+    """Ids of items to add as int64; negative ones are refused (FAISS answers -1 for "no result")."""
+    ids = _as_ids(ids)
+    if (ids < 0).any():
+        raise VectorIndexError(f"item ids must be ≥ 0, got {ids[ids < 0][:5].tolist()}")
+    return ids
 
 
 class VectorIndex:
@@ -336,7 +363,7 @@ class VectorIndex:
     def train(self, sample: np.ndarray, n_items: int | None = None) -> None:
         """Learn what the index needs (IVF centroids, PQ / SQ codebooks) from a sample of vectors;
         ``n_items``: the expected collection size, for the default ``nlist`` (default: the sample's)."""
-        x = _as_matrix(sample, self.dim)
+        x = unit_vectors(sample, self.dim)
         if self._index is None:
             self._build(self.params["nlist"] or nlist_for(n_items or len(x), len(x)))
         if not self._index.is_trained:
@@ -387,8 +414,8 @@ class VectorIndex:
 
     def add(self, vectors: np.ndarray, ids) -> None:
         """Add vectors under new ids; ids already present raise (use :meth:`upsert`)."""
-        x = _as_matrix(vectors, self.dim)
-        ids = _as_ids(ids)
+        x = unit_vectors(vectors, self.dim)
+        ids = as_ids(ids)
         if len(ids) != len(x):
             raise VectorIndexError(f"{len(x)} vectors but {len(ids)} ids")
         if len(np.unique(ids)) != len(ids):
@@ -468,7 +495,7 @@ class VectorIndex:
         exact search over just those ids (``"exact"``), or ``"auto"``: the selector, then an exact
         search for the queries it left short of ``k`` (see :meth:`_filtered_search`).
         """
-        q = _as_matrix(queries, self.dim)
+        q = unit_vectors(queries, self.dim)
         if k <= 0:
             raise VectorIndexError(f"k must be positive, got {k}")
         if filter_strategy not in ("auto", "exact", "selector"):
@@ -539,7 +566,7 @@ class VectorIndex:
         similarities narrows the search instead of widening it."""
         import faiss
 
-        q = _as_matrix(queries, self.dim)
+        q = unit_vectors(queries, self.dim)
         if self._index is None or len(self) == 0:
             return np.zeros(len(q) + 1, np.int64), np.empty(0, np.float32), np.empty(0, np.int64)
         if any(isinstance(part, faiss.IndexRefine) for part in components(self._index)):

@@ -54,7 +54,7 @@ import numpy as np
 from ..errors import FashsimError
 from .collection import CorruptIndexError, Hit, IndexMismatchError
 from .filters import CORE_FIELDS, milvus_expressible, milvus_literal, to_milvus_expression, to_predicate
-from .index import VectorIndexError
+from .index import VectorIndexError, as_ids, unit_vectors
 from .metadata import MetadataError, few_valued_fields, field_kinds
 
 FORMAT_VERSION = 1
@@ -65,6 +65,8 @@ AUTO_HNSW_FROM = 200_000
 MAX_TOPK = 16_384  # Milvus limits: top-k and queries per request
 MAX_NQ = 16_384
 INSERT_BATCH = 5_000  # rows per insert request (well under Milvus's 64 MB per request)
+#: a server's staging collection this old is taken as left behind by a killed build (Lite: any)
+ABANDONED_STAGING_SECONDS = 24 * 3600
 ID_CHUNK = 1_000  # ids per `id in [...]` expression
 PROPERTY = "fashsim."
 INSTALL_HINT = "pip install -e '.[milvus]'  (pymilvus + milvus-lite)"
@@ -169,13 +171,6 @@ def _release(uri: str, is_lite: bool, client, owns_client: bool) -> None:
         server_manager_instance.release_server(uri)
 
 
-def _as_matrix(vectors, dim: int) -> np.ndarray:
-    x = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise VectorIndexError(f"expected vectors of dimension {dim}, got shape {np.shape(vectors)}")
-    return x
-
-
 def _index_spec(kind: str, params: dict, metric: str, is_lite: bool) -> tuple[str, dict]:
     if kind == "flat":
         return "FLAT", {}
@@ -217,7 +212,7 @@ def _records_to_rows(x: np.ndarray, records: Sequence[Mapping]) -> tuple[list[di
             }
         )
         ids.append(int(record["id"]))
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = as_ids(ids)  # ≥ 0, as in the FAISS collection
     if len(np.unique(ids)) != len(ids):
         raise MetadataError("the records repeat an id")
     return rows, ids
@@ -669,6 +664,24 @@ class MilvusCollection:
         client.rename_collection(self._name, name)
         self._name = name
         client.load_collection(name)
+        self._drop_abandoned_staging()
+
+    def _drop_abandoned_staging(self) -> None:
+        """Drop what builds and copies of this collection that were killed left behind
+        (``<name>_staging_<time>``): every one on Milvus Lite, which one process holds at a time;
+        on a server, those over :data:`ABANDONED_STAGING_SECONDS` old (another client's build may
+        still be writing a younger one)."""
+        prefix = f"{self._name}_staging_"
+        now = time.time_ns()
+        for other in self._client.list_collections():
+            started = other[len(prefix) :]
+            if not other.startswith(prefix) or not started.isdigit():
+                continue
+            if self._is_lite or now - int(started) > ABANDONED_STAGING_SECONDS * 1e9:
+                try:
+                    self._client.drop_collection(other)
+                except Exception:  # noqa: BLE001 - best effort: the next build tries again
+                    pass
 
     def _drop_quietly(self) -> None:
         try:
@@ -680,7 +693,7 @@ class MilvusCollection:
     def add(self, embeddings: np.ndarray, records: Sequence[Mapping]) -> None:
         """Add items; ids already present raise :class:`MetadataError` (use :meth:`upsert`). All
         rows are written or, when a write fails half-way, the written ones are deleted again."""
-        x = _as_matrix(embeddings, self._dim)
+        x = unit_vectors(embeddings, self._dim)
         if len(records) != len(x):
             raise FashsimError(f"{len(x)} embeddings but {len(records)} records")
         rows, ids = _records_to_rows(x, records)
@@ -700,7 +713,7 @@ class MilvusCollection:
 
     def upsert(self, embeddings: np.ndarray, records: Sequence[Mapping]) -> None:
         """Add items, replacing the vector and record of ids that are already present."""
-        x = _as_matrix(embeddings, self._dim)
+        x = unit_vectors(embeddings, self._dim)
         if len(records) != len(x):
             raise FashsimError(f"{len(x)} embeddings but {len(records)} records")
         rows, _ = _records_to_rows(x, records)
@@ -763,7 +776,7 @@ class MilvusCollection:
     ) -> list[list[Hit]]:
         """Top-``k`` hits per query, best first, optionally only of ``category`` and/or records that
         match ``where`` (see :mod:`fashsim.search.filters`)."""
-        q = _as_matrix(queries, self._dim)
+        q = unit_vectors(queries, self._dim)
         if k <= 0:
             raise VectorIndexError(f"k must be positive, got {k}")
         if k > MAX_TOPK:

@@ -50,7 +50,10 @@ def restore_checkpoint(path, config, model, optimizer, scaler, generator, *, dat
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise FashsimError(f"checkpoint {path} is unreadable ({exc}); delete it or pass resume=False") from None
+        raise FashsimError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); start afresh with `fashsim train --fresh` "
+            "(resume=False): the earlier run's files are then kept in superseded/"
+        ) from None
     saved = blob["config"]
     changed = {k for k in saved if saved[k] != config.to_dict().get(k)} - RESUMABLE_CHANGES
     if changed:

@@ -112,6 +112,12 @@ class TrainConfig:
             )
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0 (None: no time budget), got {self.max_seconds}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be ≥ 1 validations without improvement (None: off), got {self.patience}")
+        if self.val_max_items is not None and self.val_max_items < 20:
+            raise ValueError(
+                f"val_max_items must be ≥ 20 (the validation needs items of the same class), got {self.val_max_items}"
+            )
 
     @property
     def resolved_weights(self) -> str:

@@ -231,7 +231,11 @@ class _Run:
     def resume(self) -> None:
         """Continue from the folder's checkpoint when it is this run's; set another run's aside."""
         source = self.checkpoint_source()
-        if source is None:
+        if source is None:  # a model or history without a checkpoint (deleted, or never written): not overwritten
+            if self.is_main:
+                set_aside(
+                    self.out_dir, RUN_FILES, f"{self.out_dir} holds an earlier run's files but no checkpoint of it"
+                )
             return
         try:
             saved = restore_checkpoint(
