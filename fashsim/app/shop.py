@@ -625,7 +625,7 @@ def evaluate_shop_build(
     :data:`~fashsim.evaluation.shop.BASELINES`), and also among every catalog item as the shop's
     search runs (``catalog``). Uses the vectors stored in the collection; writes the report
     (:func:`~fashsim.evaluation.shop.evaluate_shop`'s, plus ``table``) to ``<out>/evaluation.json``."""
-    from ..evaluation.shop import BASELINES, comparison_rows, evaluate_shop, held_out_count
+    from ..evaluation.shop import BASELINES, comparison_rows, evaluate_shop, smallest_style_held_out
     from ..search.collection import Collection
 
     out = Path(out_dir)
@@ -665,7 +665,7 @@ def evaluate_shop_build(
     report["table"] = comparison_rows(report)
     if not report["methods"]["trained"]["test"].get("style_queries") and summary.get("hold_out"):
         fraction = summary["hold_out"]
-        pair = next(n for n in range(2, 10_000) if held_out_count(fraction, n) >= 2)
+        pair = smallest_style_held_out(fraction, held=2)
         report["notes"].append(
             "no held-out item has another item of its style among the held-out ones, so the style scores among "
             f"them are None: with --hold-out {fraction:g} a style needs {pair} items or more for two to be held "

@@ -19,7 +19,7 @@ colour), plus that column's own Recall@1 (e.g. category R@1).
 
 from __future__ import annotations
 
-import math
+import itertools
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -59,9 +59,10 @@ def held_out_count(test_fraction: float, members: int) -> int:
     return min(take, members - 1) if members >= 2 else 0
 
 
-def smallest_style_held_out(test_fraction: float) -> int:
-    """The fewest items a style needs for :func:`held_out_count` to hold one out (``test_fraction`` > 0)."""
-    return max(2, math.floor(0.5 / test_fraction) + 1)
+def smallest_style_held_out(test_fraction: float, held: int = 1) -> int:
+    """The fewest items a style needs for :func:`held_out_count` to hold ``held`` of them out
+    (``test_fraction`` > 0)."""
+    return next(n for n in itertools.count(2) if held_out_count(test_fraction, n) >= held)
 
 
 def stratified_hold_out(styles: np.ndarray, test_fraction: float, *, seed: int = 0) -> np.ndarray:

@@ -111,15 +111,15 @@ def _typed(text: str):
 
 def parse_conditions(texts, fields: Mapping[str, str] | None = None) -> dict | None:
     """The dict form from conditions written as text, e.g. ``["baseColour=Red", "price<50",
-        "pattern!=Solid"]`` (the ``--where`` of the command line): ``=``/``==``, ``!=``, ``<``,
-        ``<=``, ``>``, ``>=``; a value may be quoted (``baseColour="Navy Blue"``); comparisons are exact
-    ("Red" is not "red"). None for no conditions;
-        :class:`FilterError` for text it cannot read.
+    "pattern!=Solid"]`` (the ``--where`` of the command line): ``=``/``==``, ``!=``, ``<``,
+    ``<=``, ``>``, ``>=``; a value may be quoted (``baseColour="Navy Blue"``); comparisons are
+    exact ("Red" is not "red"). None for no conditions; :class:`FilterError` for text it cannot
+    read.
 
-        ``fields`` (a collection's ``field_kinds()``: name → number | text | mixed) makes the reading
-        exact: an unknown column is refused (the known ones are listed), a text column's value stays
-        text (``size=8``, ``sku=0001``), a number column's must be a number, and ``<``/``>`` on a text
-        column is refused. Without it, values that read as numbers are numbers."""
+    ``fields`` (a collection's ``field_kinds()``: name → number | text | mixed) makes the reading
+    exact: an unknown column is refused (the known ones are listed), a text column's value stays
+    text (``size=8``, ``sku=0001``), a number column's must be a number, and ``<``/``>`` on a text
+    column is refused. Without it, values that read as numbers are numbers."""
     if not texts:
         return None
     if isinstance(texts, str):
