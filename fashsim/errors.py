@@ -22,3 +22,7 @@ class DatasetFormatError(FashsimError):
 
 class InvalidImageError(FashsimError, ValueError):
     """Bytes or a file that cannot be turned into an image the model can read."""
+
+
+class FolderInUseError(FashsimError):
+    """Another process is writing to the same folder (a training run, a shop build)."""

@@ -77,3 +77,37 @@ def exclusive_lock(path: str | os.PathLike):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str, advice: str):
+    """Claim ``folder`` for one writer (``what``: "training run", "shop build") for the block, or
+    raise :class:`~fashsim.errors.FolderInUseError` at once when another process holds it, naming
+    that process and ``advice`` (what to do instead). The claim is an advisory ``flock`` on
+    ``folder/.writer.lock``, which records the holder's process id; it ends with the block or
+    the process, so a killed writer leaves nothing to clean up. Where there is no ``flock``
+    (Windows), the block runs unclaimed."""
+    from .errors import FolderInUseError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".writer.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().decode(errors="replace").strip() or "another process"
+            raise FolderInUseError(f"{folder} is in use by another {what} ({holder}); {advice}") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}".encode())
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -34,6 +34,10 @@ def test_every_input_kind(searcher, fmnist_test, tmp_path):
     path.write_bytes(png(image))
     for query in (path, str(path), png(image), Image.fromarray(image), image):
         assert searcher.search(query, k=1)[0].id == 60005
+        embedding = searcher.embed(query)  # the query's vector, for callers that search themselves
+        assert embedding.shape == (1, searcher.model.embedding_dim)
+        assert np.isclose(np.linalg.norm(embedding), 1.0, atol=1e-5)
+        assert searcher.collection.search(embedding, 1)[0][0].id == 60005
 
 
 def test_category_filter(searcher, fmnist_test):

@@ -22,8 +22,9 @@ from PIL import Image
 
 from fashsim.app import shop
 from fashsim.data import catalogs, colour_shop
-from fashsim.errors import FashsimError
+from fashsim.errors import FashsimError, FolderInUseError
 from fashsim.evaluation import shop as shop_eval
+from fashsim.fileio import folder_lock
 from fashsim.model.persistence import load_model
 from fashsim.search.collection import IndexMismatchError
 from fashsim.search.filters import FilterError, parse_conditions
@@ -201,6 +202,9 @@ def test_a_second_build_resumes_from_cached_chunks_and_checkpoint(kaggle_build, 
     chunks = sorted((kaggle_build.out_dir / "cache" / "features").glob("chunk-*.npz"))
     assert len(chunks) == 2  # 240 items in chunks of 128
     stamps = [c.stat().st_mtime_ns for c in chunks]
+    with folder_lock(kaggle_build.out_dir, "shop build", "wait"):  # a build in progress: another is refused
+        with pytest.raises(FolderInUseError, match=rf"in use by another shop build \(pid {os.getpid()}\); wait for"):
+            shop.build_shop_collection(small_shop, kaggle_build.out_dir, **FAST)
     capsys.readouterr()
     again = shop.build_shop_collection(small_shop, kaggle_build.out_dir, **FAST)
     assert [c.stat().st_mtime_ns for c in chunks] == stamps

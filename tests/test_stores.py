@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -247,6 +248,14 @@ def test_add_remove_upsert(store_kit, data):
     with pytest.raises(VectorIndexError, match="NaN or infinite"):
         collection.search(broken * np.nan, 3)
     assert len(collection) == N
+    # fields as a pandas row holds them (numpy scalars) are kept as numbers; other objects refused
+    row = dict(records[0], id=np.int64(9002), price=np.float32(12.5), stock=np.int64(3), sale=np.bool_(True))
+    collection.add(vectors[:1], [row])
+    assert collection.metadata.get([9002])[0] == dict(records[0], id=9002, price=12.5, stock=3, sale=True)
+    assert 9002 in hit_ids(collection.search(vectors[0], 3, where={"stock": 3, "price": ("<", 13)}))[0]
+    with pytest.raises(MetadataError, match="record 9003: extra fields must be JSON values .*set"):
+        collection.add(vectors[:1], [dict(records[0], id=9003, sizes={"S", "M"})])
+    assert collection.remove([9002]) == 1 and len(collection) == N
 
     assert collection.remove(ids[:5]) == 5
     assert len(collection) == N - 5
@@ -463,6 +472,22 @@ def test_missing_pymilvus_says_what_to_install(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_MILVUS, reason="pip install 'fashsim[milvus]'")
+def test_a_lite_database_in_use_elsewhere_is_one_line_of_error(milvus_db):
+    """This process holds the module's Lite database; another one opening it gets fashsim's error
+    with Milvus Lite's reason, and no traceback of Milvus Lite's own on the way."""
+    path, _ = milvus_db
+    script = (
+        "import sys\nfrom fashsim.errors import FashsimError\nfrom fashsim.search.stores import open_collection\n"
+        f"try:\n    open_collection({str(path)!r}, store='milvus')\n"
+        "except FashsimError as exc:\n    sys.exit(f'error: {exc}')\n"
+    )
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1
+    assert other.stderr.count("\n") == 1, other.stderr
+    assert "another process holds the lock" in other.stderr and "one process at a time" in other.stderr
+
+
+@pytest.mark.skipif(not HAS_MILVUS, reason="pip install 'fashsim[milvus]'")
 def test_milvus_specifics(data, milvus_db, tmp_path):
     """Temporary database, copy to another location, replace-on-build, Lite's missing PQ."""
     from fashsim.search.milvus import MilvusCollection
@@ -495,3 +520,7 @@ def test_milvus_specifics(data, milvus_db, tmp_path):
     assert np.allclose(second.index.reconstruct(ids[:3]), vectors[:3], atol=1e-6)
     with pytest.raises(CorruptIndexError, match="build it first"):
         open_collection(path, store="milvus", collection_name="nope", client=client)
+    second.drop()  # gone for good: the name is free again
+    assert "same" not in client.list_collections()
+    with pytest.raises(CorruptIndexError, match="build it first"):
+        open_collection(path, store="milvus", collection_name="same", client=client)

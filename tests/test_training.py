@@ -228,7 +228,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_killed_mid_epoch_then_resumed(tmp_path):
-    """kill -9 during epoch 2 leaves epoch 1's checkpoint intact; a rerun resumes from it."""
+    """kill -9 during epoch 2 leaves epoch 1's checkpoint intact; a rerun resumes from it. While
+    the first run lives, a second one into the same folder is refused at once, naming it."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
@@ -238,7 +239,11 @@ def test_killed_mid_epoch_then_resumed(tmp_path):
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(0.5)  # now inside epoch 2
+    second = subprocess.run([sys.executable, str(script), str(out), "1"], capture_output=True, text=True)
+    assert proc.poll() is None, "the first run ended before the second one was tried"
+    assert second.returncode != 0
+    assert f"{out} is in use by another training run (pid {proc.pid}); wait for it" in second.stderr
+    time.sleep(0.5)  # now inside a later epoch
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = json.loads((out / "history.json").read_text())["history"]

@@ -43,6 +43,7 @@ Command line (see :func:`add_shop_parser`; ``python -m fashsim.app.shop ...`` wo
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -59,7 +60,7 @@ import numpy as np
 from ..data.catalogs import FileCatalog, open_catalog, stream_images, unreadable_report
 from ..data.transforms import IMAGENET_SPEC, InputSpec
 from ..errors import FashsimError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, folder_lock
 
 DEFAULT_LABEL_COLUMNS = ("articleType", "baseColour", "pattern")
 MODEL_FILE = "model.pt"
@@ -320,6 +321,18 @@ def _input_spec(backbone: str, recipe: Recipe, image_size: int | None) -> InputS
     return replace(spec, trim_background=recipe.trim_background)
 
 
+def _one_build_per_folder(build: Callable) -> Callable:
+    """Let one build at a time write to an output folder (two would mix their chunks and models)."""
+
+    @functools.wraps(build)
+    def claimed(catalog_or_path, out_dir, *args, **kwargs):
+        with folder_lock(out_dir, "shop build", "wait for it to finish, or build into another folder"):
+            return build(catalog_or_path, out_dir, *args, **kwargs)
+
+    return claimed
+
+
+@_one_build_per_folder
 def build_shop_collection(
     catalog_or_path: FileCatalog | str | os.PathLike,
     out_dir: str | os.PathLike,

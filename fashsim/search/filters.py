@@ -15,7 +15,8 @@ A search's ``where`` argument comes in three forms:
   Operators: ``==`` ``!=`` ``<`` ``<=`` ``>`` ``>=`` ``in`` ``not in``. ``id``, ``source`` and
   ``category`` are the record's own fields; any other name is one of its extra fields (Milvus keeps
   those in the JSON field ``extra``). A record that lacks the field, or holds a value that cannot be
-  compared (a string against a number), does not match — on both stores.
+  compared (a string against a number), does not match — on both stores. (One difference: Milvus
+  takes a stored ``true`` for 1 and ``false`` for 0 in numeric comparisons; FAISS does not.)
 * a **callable** ``predicate(record) -> bool`` over the record dict (``id``, ``source``,
   ``category`` and the extra fields): the FAISS collection's native form. The Milvus collection
   accepts it too, but has to read every record to evaluate it: a slow fallback for large collections.

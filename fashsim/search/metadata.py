@@ -53,6 +53,24 @@ class MetadataError(FashsimError):
     """Inconsistent catalog operations (duplicate or unknown ids, missing fields)."""
 
 
+def _plain_value(value):
+    """``json.dumps``'s fallback: numpy scalars (what a pandas row holds) as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} is not a JSON value")
+
+
+def extra_fields_json(record: Mapping) -> str:
+    """A record's fields beyond :data:`CORE_FIELDS` as the JSON object both stores keep: numbers,
+    text, booleans, None and lists or dicts of them; numpy scalars become Python numbers, anything
+    else is refused with a :class:`MetadataError` naming the field."""
+    extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
+    try:
+        return json.dumps(extra, default=_plain_value)
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(f"record {record.get('id')!r}: extra fields must be JSON values ({exc})") from None
+
+
 class MetadataStore:
     """The metadata catalog (see the module docstring)."""
 
@@ -79,8 +97,7 @@ class MetadataStore:
             missing = [f for f in CORE_FIELDS if f not in record]
             if missing:
                 raise MetadataError(f"record {dict(record)!r} lacks {', '.join(missing)}")
-            extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
-            rows.append((int(record["id"]), str(record["source"]), str(record["category"]), json.dumps(extra)))
+            rows.append((int(record["id"]), str(record["source"]), str(record["category"]), extra_fields_json(record)))
         try:
             with self.lock, self.conn:
                 self.conn.executemany("INSERT INTO items (id, source, category, extra) VALUES (?, ?, ?, ?)", rows)

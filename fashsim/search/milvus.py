@@ -55,7 +55,7 @@ from ..errors import FashsimError
 from .collection import CorruptIndexError, Hit, IndexMismatchError
 from .filters import CORE_FIELDS, milvus_expressible, milvus_literal, to_milvus_expression, to_predicate
 from .index import VectorIndexError, as_ids, unit_vectors
-from .metadata import MetadataError, few_valued_fields, field_kinds
+from .metadata import MetadataError, extra_fields_json, few_valued_fields, field_kinds
 
 FORMAT_VERSION = 1
 DEFAULT_COLLECTION = "fashsim"
@@ -133,6 +133,22 @@ class _QuietLiteIterator(logging.Filter):
         return not str(record.msg).startswith("failed to get mvccTs")
 
 
+class _LiteStartFailure(logging.Filter):
+    """Keeps Milvus Lite's own traceback of a server that failed to start (e.g. a database another
+    process holds) off the terminal, keeping its reason for fashsim's one-line error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            self.reasons.append(str(record.exc_info[1]))
+        return False
+
+
 def _connect(uri: str, is_lite: bool, token: str | None):
     pymilvus = _pymilvus()
     if is_lite:
@@ -145,14 +161,18 @@ def _connect(uri: str, is_lite: bool, token: str | None):
             raise MilvusNotInstalledError(f"a local Milvus .db needs milvus-lite: {INSTALL_HINT}") from None
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         _lite_acquire(uri, shared=False)  # before the client: a finalizer must not stop the server meanwhile
+        start_log, failure = logging.getLogger("milvus_lite.server_manager"), _LiteStartFailure()
+        start_log.addFilter(failure)
         try:
             return pymilvus.MilvusClient(uri)
         except pymilvus.MilvusException as exc:
             _lite_drop(uri)
             raise FashsimError(
-                f"cannot open the Milvus Lite database {uri} ({exc.message}); Milvus Lite "
-                "allows one process at a time: is another one (a notebook, the demo) using it?"
+                f"cannot open the Milvus Lite database {uri} ({'; '.join(failure.reasons) or exc.message}); "
+                "Milvus Lite allows one process at a time: is another one (a notebook, the demo) using it?"
             ) from None
+        finally:
+            start_log.removeFilter(failure)
     token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
     try:
         return pymilvus.MilvusClient(uri=uri, token=token)
@@ -197,11 +217,7 @@ def _records_to_rows(x: np.ndarray, records: Sequence[Mapping]) -> tuple[list[di
         missing = [f for f in CORE_FIELDS if f not in record]
         if missing:
             raise MetadataError(f"record {dict(record)!r} lacks {', '.join(missing)}")
-        extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
-        try:
-            extra = json.loads(json.dumps(extra))  # what the SQLite catalog would store (numpy scalars refused)
-        except TypeError as exc:
-            raise MetadataError(f"record {record['id']}: extra fields must be JSON values ({exc})") from None
+        extra = json.loads(extra_fields_json(record))  # what the SQLite catalog stores
         rows.append(
             {
                 "id": int(record["id"]),

@@ -26,6 +26,7 @@ marked ``DDP hook`` lines are the points it overrides.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from ..data.sampler import PKBatchSampler
 from ..data.transforms import AUGMENT_DRAWS, augment_batch, augment_draws, normalise_batch
 from ..errors import FashsimError
 from ..evaluation.metrics import retrieval_metrics
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, folder_lock
 from ..model.inference import cached_features, embed_arrays
 from ..model.input_format import training_input_spec
 from ..model.networks import EmbeddingNet
@@ -58,6 +59,7 @@ from .objective import Batch, compute_loss, stats_to_floats
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
 HISTORY = "history.json"
+TRAIN_BUSY_ADVICE = "wait for it to finish, or train into another folder (--out, out_dir)"
 RUN_FILES = (CHECKPOINT, BEST_MODEL, HISTORY)  # what a run writes in its folder
 #: steps between reads of the batch statistics on an accelerator (each read waits for the device)
 STATS_EVERY_ON_ACCELERATOR = 25
@@ -139,23 +141,25 @@ def train(
 
     Run = run_class(distributed, config.device)  # DDP hook: _Run, or DistributedRun under torchrun
     run = Run(config, train_data, val_data, Path(out_dir), progress=progress, feature_cache=feature_cache)
-    if resume:
-        run.resume()
-    elif run.is_main:
-        set_aside(out_dir, RUN_FILES, "resume=False")
-    stopped = "epochs"
-    for epoch in range(run.state.epoch, config.epochs):
-        if run.out_of_time():
-            stopped = "time budget"
-            break
-        run.train_epoch(epoch)
-        if run.out_of_time():
-            stopped = "time budget"
-            break
-        if config.patience is not None and run.state.bad_epochs >= config.patience:
-            stopped = "early stopping"
-            break
-    return run.result(stopped)
+    claim = folder_lock(out_dir, "training run", TRAIN_BUSY_ADVICE) if run.is_main else contextlib.nullcontext()
+    with claim:  # two runs in one folder would overwrite each other's checkpoints
+        if resume:
+            run.resume()
+        elif run.is_main:
+            set_aside(out_dir, RUN_FILES, "resume=False")
+        stopped = "epochs"
+        for epoch in range(run.state.epoch, config.epochs):
+            if run.out_of_time():
+                stopped = "time budget"
+                break
+            run.train_epoch(epoch)
+            if run.out_of_time():
+                stopped = "time budget"
+                break
+            if config.patience is not None and run.state.bad_epochs >= config.patience:
+                stopped = "early stopping"
+                break
+        return run.result(stopped)
 
 
 class _Run:
