@@ -132,6 +132,8 @@ def train(
     moved to ``out_dir/superseded/<time>/`` and training starts afresh. With
     ``config.freeze_backbone`` only the head trains, on backbone features cached in
     ``feature_cache`` (default ``data/cache/features``; see :mod:`fashsim.model.inference`).
+    While another process trains into ``out_dir``, a run there raises
+    :class:`~fashsim.errors.FolderInUseError` before it touches anything.
 
     ``distributed``: None (default) trains with DDP when launched by ``torchrun`` with more than
     one process, True always does (torchrun's variables or an initialised process group needed),
