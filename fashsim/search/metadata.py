@@ -63,7 +63,7 @@ def _plain_value(value):
 def extra_fields_json(record: Mapping) -> str:
     """A record's fields beyond :data:`CORE_FIELDS` as the JSON object both stores keep: numbers,
     text, booleans, None and lists or dicts of them; numpy scalars become Python numbers, anything
-    else is refused with a :class:`MetadataError` naming the field."""
+    else is refused with a :class:`MetadataError` naming the record and the value."""
     extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
     try:
         return json.dumps(extra, default=_plain_value)
