@@ -62,19 +62,20 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike):
+def exclusive_lock(path: str | os.PathLike, *, wait: bool = True):
     """Hold an exclusive advisory lock on the file ``path`` (created if needed) for the block:
-    another process (or thread) asking for it waits until the block ends. POSIX ``flock``; where
-    there is none (Windows), the block runs unlocked."""
+    another process (or thread) asking for it waits until the block ends, or with ``wait=False``
+    gets :class:`BlockingIOError` at once. Yields the open lock file. POSIX ``flock``; where there
+    is none (Windows), the block runs unlocked and gets None."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield
+        yield None
         return
     with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         try:
-            yield
+            yield handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -83,31 +84,22 @@ def exclusive_lock(path: str | os.PathLike):
 def folder_lock(folder: str | os.PathLike, what: str, advice: str):
     """Claim ``folder`` for one writer (``what``: "training run", "shop build") for the block, or
     raise :class:`~fashsim.errors.FolderInUseError` at once when another process holds it, naming
-    that process and ``advice`` (what to do instead). The claim is an advisory ``flock`` on
+    that process and ``advice`` (what to do instead). The claim is an :func:`exclusive_lock` on
     ``folder/.writer.lock``, which records the holder's process id; it ends with the block or
-    the process, so a killed writer leaves nothing to clean up. Where there is no ``flock``
-    (Windows), the block runs unclaimed."""
+    the process, so a killed writer leaves nothing to clean up."""
     from .errors import FolderInUseError
 
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".writer.lock", "a+b") as handle:
+    path = Path(folder) / ".writer.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as claim:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle = claim.enter_context(exclusive_lock(path, wait=False))
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().decode(errors="replace").strip() or "another process"
-            raise FolderInUseError(f"{folder} is in use by another {what} ({holder}); {advice}") from None
-        try:
+            holder = path.read_text(errors="replace").strip() or "another process"
+            raise FolderInUseError(f"{path.parent} is in use by another {what} ({holder}); {advice}") from None
+        if handle is not None:
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()}".encode())
             handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield

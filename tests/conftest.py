@@ -11,6 +11,18 @@ from fashsim.data import fashion_mnist  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_until_finished(finite, endless, stop):
+    """Start every thread; once the ``finite`` ones have ended, set ``stop`` (the event the
+    ``endless`` ones loop on) and wait for those too: concurrency tests' harness."""
+    for thread in [*finite, *endless]:
+        thread.start()
+    for thread in finite:
+        thread.join()
+    stop.set()
+    for thread in endless:
+        thread.join()
+
+
 @contextlib.contextmanager
 def faiss_without_torch_patch():
     """FAISS index methods as FAISS defines them, for code run in this process that calls them with

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_until_finished
 
 from fashsim.evaluation.metrics import knn
 from fashsim.fileio import sha256_file
@@ -294,13 +295,7 @@ def test_loads_during_saves_and_two_savers_never_fail(data, tmp_path):
     stop = threading.Event()
     savers = [threading.Thread(target=save_repeatedly) for _ in range(2)]
     readers = [threading.Thread(target=load_repeatedly, args=(stop,)) for _ in range(2)]
-    for thread in savers + readers:
-        thread.start()
-    for thread in savers:
-        thread.join()
-    stop.set()
-    for thread in readers:
-        thread.join()
+    run_until_finished(savers, readers, stop)
     assert errors == [] and loads and set(loads) == {len(c)}
     versions = sorted(p.name for p in target.iterdir() if p.is_dir())
     assert len(versions) == 2 and (target / "CURRENT").read_text() in versions  # the current one and the one before

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import run_until_finished
 
 from fashsim.search.collection import Collection
 from fashsim.search.metadata import MetadataStore
@@ -108,13 +109,7 @@ def test_reads_and_writes_interleaved_across_threads_stay_consistent():
 
     writers = [threading.Thread(target=writer, args=(start,)) for start in (10_000, 1_000_000)]
     readers = [threading.Thread(target=reader) for _ in range(4)]
-    for t in writers + readers:
-        t.start()
-    for t in readers:
-        t.join()
-    stop.set()
-    for t in writers:
-        t.join()
+    run_until_finished(readers, writers, stop)
     assert not errors, errors[:3]
     assert len(store) == 1000
 
