@@ -60,15 +60,20 @@ def _plain_value(value):
     raise TypeError(f"{type(value).__name__} {value!r} is not a JSON value")
 
 
-def extra_fields_json(record: Mapping) -> str:
-    """A record's fields beyond :data:`CORE_FIELDS` as the JSON object both stores keep: numbers,
-    text, booleans, None and lists or dicts of them; numpy scalars become Python numbers, anything
-    else is refused with a :class:`MetadataError` naming the record and the value."""
+def record_row(record: Mapping) -> tuple[int, str, str, str]:
+    """A record as both stores keep it: ``(id, source, category, extra)``, ``extra`` being the
+    JSON object of its other fields — numbers, text, booleans, None and lists or dicts of them;
+    numpy scalars (what a pandas row holds) become Python numbers. A record without a field of
+    :data:`CORE_FIELDS`, or with another kind of value, is refused with a :class:`MetadataError`."""
+    missing = [f for f in CORE_FIELDS if f not in record]
+    if missing:
+        raise MetadataError(f"record {dict(record)!r} lacks {', '.join(missing)}")
     extra = {k: v for k, v in record.items() if k not in CORE_FIELDS}
     try:
-        return json.dumps(extra, default=_plain_value)
+        extra_json = json.dumps(extra, default=_plain_value)
     except (TypeError, ValueError) as exc:
-        raise MetadataError(f"record {record.get('id')!r}: extra fields must be JSON values ({exc})") from None
+        raise MetadataError(f"record {record['id']!r}: extra fields must be JSON values ({exc})") from None
+    return int(record["id"]), str(record["source"]), str(record["category"]), extra_json
 
 
 class MetadataStore:
@@ -92,12 +97,7 @@ class MetadataStore:
     def add(self, records: Iterable[Mapping]) -> np.ndarray:
         """Insert records (dicts with ``id``, ``source``, ``category`` and any extra fields) in
         one transaction; returns their ids. Duplicate ids raise and insert nothing."""
-        rows = []
-        for record in records:
-            missing = [f for f in CORE_FIELDS if f not in record]
-            if missing:
-                raise MetadataError(f"record {dict(record)!r} lacks {', '.join(missing)}")
-            rows.append((int(record["id"]), str(record["source"]), str(record["category"]), extra_fields_json(record)))
+        rows = [record_row(record) for record in records]
         try:
             with self.lock, self.conn:
                 self.conn.executemany("INSERT INTO items (id, source, category, extra) VALUES (?, ?, ?, ?)", rows)

@@ -53,9 +53,9 @@ import numpy as np
 
 from ..errors import FashsimError
 from .collection import CorruptIndexError, Hit, IndexMismatchError
-from .filters import CORE_FIELDS, milvus_expressible, milvus_literal, to_milvus_expression, to_predicate
+from .filters import milvus_expressible, milvus_literal, to_milvus_expression, to_predicate
 from .index import VectorIndexError, as_ids, unit_vectors
-from .metadata import MetadataError, extra_fields_json, few_valued_fields, field_kinds
+from .metadata import MetadataError, few_valued_fields, field_kinds, record_row
 
 FORMAT_VERSION = 1
 DEFAULT_COLLECTION = "fashsim"
@@ -214,20 +214,11 @@ def choose_kind(n_items: int) -> str:
 def _records_to_rows(x: np.ndarray, records: Sequence[Mapping]) -> tuple[list[dict], np.ndarray]:
     rows, ids = [], []
     for vector, record in zip(x, records):
-        missing = [f for f in CORE_FIELDS if f not in record]
-        if missing:
-            raise MetadataError(f"record {dict(record)!r} lacks {', '.join(missing)}")
-        extra = json.loads(extra_fields_json(record))  # what the SQLite catalog stores
+        item_id, source, category, extra = record_row(record)  # as the SQLite catalog keeps it
         rows.append(
-            {
-                "id": int(record["id"]),
-                "vector": vector,
-                "source": str(record["source"]),
-                "category": str(record["category"]),
-                "extra": extra,
-            }
+            {"id": item_id, "vector": vector, "source": source, "category": category, "extra": json.loads(extra)}
         )
-        ids.append(int(record["id"]))
+        ids.append(item_id)
     ids = as_ids(ids)  # ≥ 0, as in the FAISS collection
     if len(np.unique(ids)) != len(ids):
         raise MetadataError("the records repeat an id")
