@@ -19,7 +19,12 @@ seconds (``--max-seconds``; batch preparation, validation and checkpoints come o
    ``train(..., resume=True)`` continues the GPU run's ``checkpoint.pt`` on ``device="cpu"``;
 4. ``faiss`` — GPU flat / IVF / filtered search against CPU search when faiss has GPU support;
    with faiss-cpu only that is recorded as not available, and the CPU flat / IVF / filtered
-   searches of the trained embeddings are checked against exact numpy search instead.
+   searches of the trained embeddings are checked against exact numpy search instead;
+5. ``shop_fine_tune`` — the colour shop (issue 13) on the same device: the generated shop
+   (``--shop-size`` items; 0 skips the check), MobileNetV2's head on its cached features, then the
+   whole network fine-tuned on the photos for ``--shop-seconds`` (float16 on CUDA), scored on the
+   held-out items (style / category R@1, colour-match@5; the CPU default's targets beside them).
+   Not yet run on a GPU.
 
 Without CUDA it says so, writes ``{"cuda": false, ...}`` and exits 0. The JSON is rewritten
 (atomically) after every check, so a run cut short still leaves what it measured. The exit status
@@ -111,6 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume-seconds", type=float, default=3.0, help="extra training seconds of the CPU resume")
     parser.add_argument("--workdir", default=None, help="run folder (default: a fresh one in /dev/shm, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the run folder")
+    parser.add_argument("--shop-size", type=int, default=20_000, help="colour shop items (0: skip the shop check)")
+    parser.add_argument(
+        "--shop-seconds", type=float, default=120.0, help="shop fine-tuning budget (its head: a quarter of it)"
+    )
+    parser.add_argument("--shop-image-size", type=int, default=112, help="shop network input size")
     return parser.parse_args(argv)
 
 
@@ -166,6 +176,7 @@ def main(argv=None) -> int:
         ("quality", check_quality),
         ("checkpoint_gpu_to_cpu", check_checkpoint),
         ("faiss", check_faiss),
+        ("shop_fine_tune", check_shop_fine_tune),
     )
     try:
         for name, check in steps:
@@ -542,6 +553,63 @@ def check_faiss(args, workdir: Path, context: dict) -> dict:
     result["gpu"] = {"flat": gpu_flat, "ivf": gpu_ivf, "filtered_flat": gpu_filtered}
     result["ok"] = bool(cpu_ok and exact_ok(gpu_flat) and gpu_ivf["tie_aware_recall"] >= 0.9 and filtered_ok)
     return result
+
+
+# --- 5: the colour shop, a pretrained backbone fine-tuned on the device -----------------------------
+
+
+def check_shop_fine_tune(args, workdir: Path, context: dict) -> dict:
+    if args.shop_size <= 0:
+        return {"ok": True, "skipped": "--shop-size 0"}
+    from fashsim.app.shop import build_shop_collection
+    from fashsim.data.catalogs import open_catalog
+    from fashsim.data.colour_shop import generate_colour_shop
+    from fashsim.evaluation.shop import evaluate_shop, shop_split
+
+    workers = min(8, os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    catalog = generate_colour_shop(workdir / "colour-shop", size=args.shop_size, workers=workers, progress=False).parent
+    generate_seconds = time.perf_counter() - t0
+    records = open_catalog(catalog).records()
+    columns = ["articleType", "baseColour", "pattern"]
+    parts = shop_split(records, columns)
+    build = build_shop_collection(
+        catalog,
+        workdir / "shop",
+        label_columns=columns,
+        backbone="mobilenet_v2",
+        image_size=args.shop_image_size,
+        train_indices=parts["train"],
+        train_seconds=args.shop_seconds,
+        train_options={"seconds": args.shop_seconds / 4},  # the head's phase, on the cached features
+        device=args.device,
+        fine_tune=True,
+        workers=workers,
+        resume=False,
+        progress=False,
+    )
+    local = {name: build.positions(rows) for name, rows in parts.items()}
+    report = evaluate_shop(
+        build.embeddings, build.records, [r["source"] for r in build.records], local, columns, baselines=()
+    )
+    test = report["methods"]["trained"]["test"]
+    summary = build.summary
+    tuned = summary["fine_tune"]
+    expected = "float16" if args.device == "cuda" else tuned["precision"]
+    scores = {k: _round(test[k]) for k in ("style_recall@1", "style_map@r", "category_recall@1", "baseColour_match@5")}
+    return {
+        "ok": bool(summary["fine_tuned"] and tuned["precision"] == expected and _finite([tuned["last_loss"]])),
+        "items": args.shop_size,
+        "split": {k: int(len(v)) for k, v in parts.items()},
+        "device": summary["device"],
+        "precision": tuned["precision"],
+        "fine_tune": {k: tuned[k] for k in ("epoch", "step", "elapsed", "last_loss")},
+        "head": {k: summary["train"][k] for k in ("epoch", "step", "elapsed", "last_loss")},
+        "seconds": {"generate": round(generate_seconds, 1), **summary["seconds"]},
+        "test": scores,
+        "open_set_style_recall@1": _round(report["methods"]["trained"].get("open_set", {}).get("style_recall@1")),
+        "cpu_default_targets": {"style_recall@1": 0.85, "category_recall@1": 0.88, "baseColour_match@5": 0.99},
+    }
 
 
 if __name__ == "__main__":

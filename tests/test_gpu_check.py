@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py on a machine without CUDA: it says so and exits 0; and its checks
-(training, quality, the checkpoint on the CPU, FAISS) run end to end when pointed at the CPU."""
+(training, quality, the checkpoint on the CPU, FAISS, the colour shop fine-tuned) run end to end
+when pointed at the CPU."""
 
 import json
 import os
@@ -43,6 +44,7 @@ def test_every_check_runs_on_the_cpu(tmp_path):
         tmp_path,
         *("--device", "cpu", "--backbone", "small_cnn", "--image-size", "28", "--k", "8"),
         *("--max-seconds", "3", "--val-max-items", "500", "--resume-seconds", "1"),
+        *("--shop-size", "960", "--shop-seconds", "4", "--shop-image-size", "64"),
     )
     checks = report["checks"]
     assert report["errors"] == {}, report["errors"]
@@ -58,3 +60,6 @@ def test_every_check_runs_on_the_cpu(tmp_path):
         and checks["checkpoint_gpu_to_cpu"]["resume_on_cpu"]["resumed_epochs"] == 2
     )
     assert checks["faiss"]["ok"] and checks["faiss"]["faiss_gpu"] == "not available (faiss-cpu)"
+    shop = checks["shop_fine_tune"]
+    assert shop["ok"] and shop["device"] == "cpu" and shop["fine_tune"]["step"] >= 1 and shop["head"]["step"] >= 1
+    assert 0 < shop["test"]["baseColour_match@5"] <= 1 and shop["split"]["train"] > shop["split"]["test"] > 0

@@ -24,7 +24,9 @@ small RGB CNN trained from scratch at 32 px on the catalog's own styles (each ph
 product first, so the product fills the 32 px whatever its size in the photo; bfloat16 where the
 CPU has it; each photo embedded with its mirror image) —, ``mobilenet_v2`` and
 ``efficientnet_lite0`` (the shipped ImageNet weights frozen, their features cached, only the
-head trained: an alternative for real photos with few items per style). RGB models keep the
+head trained: an alternative for real photos with few items per style; on a GPU the whole network
+is then fine-tuned on the photos, streamed from disk batch by batch — ``fine_tune``). Training
+and embedding run on the GPU when there is one (``device="auto"``). RGB models keep the
 query's colour: their input format has ``dark_background=False``, so a photo is resized as it is
 instead of being turned into a greyscale silhouette (cropped to the product on its plain
 background for ``small_cnn``: ``InputSpec.trim_background``).
@@ -84,6 +86,10 @@ class Recipe:
     widths: tuple[int, int, int] | None = None  # small_cnn's stage widths
     flip_average: bool = False  # embed a photo and its mirror image, averaged (twice the embedding time)
     trim_background: bool = False  # crop each photo to its product before resizing (InputSpec.trim_background)
+    # a pretrained (frozen) recipe on a GPU: after the head, the whole network is fine-tuned on the photos
+    fine_tune_seconds: float = 600.0
+    fine_tune_epochs: int = 15
+    fine_tune_lr: float = 5e-4  # the head's; the backbone's is ShopTrainConfig.backbone_lr_scale × this
 
     def __post_init__(self) -> None:
         if self.frozen and self.flip_average:  # a frozen build embeds its cached features: no mirror image there
@@ -357,6 +363,8 @@ def build_shop_collection(
     threads: int | None = None,
     train_options: Mapping | None = None,
     csv_options: Mapping | None = None,
+    device: str = "auto",
+    fine_tune: bool | None = None,
 ) -> ShopBuild:
     """Catalog → trained RGB embedding → saved, searchable collection (see the module docstring).
 
@@ -368,10 +376,16 @@ def build_shop_collection(
     reached first (train longer: raise both); ``train_options`` overrides
     :class:`~fashsim.app.shop_train.ShopTrainConfig` fields; ``resume=False`` ignores cached
     chunks and checkpoints. ``csv_options`` go to :func:`~fashsim.data.catalogs.load_csv_catalog`.
+
+    ``device``: ``auto`` (a CUDA GPU when there is one, else the CPU), ``cuda`` or ``cpu``.
+    ``fine_tune`` (pretrained backbones; default: on a GPU only): after the head has learnt on the
+    cached features, fine-tune the whole network on the photos, decoded from disk batch by batch
+    (the recipe's ``fine_tune_*`` budget; ``train_seconds`` / ``max_epochs`` then bound this
+    phase), and embed the catalog with it.
     """
     import torch
 
-    from ..model.inference import embed_arrays
+    from ..model.inference import embed_arrays, embed_image_files
     from ..model.networks import EmbeddingNet
     from ..model.persistence import fingerprint, save_model
     from ..search.collection import Collection
@@ -389,6 +403,16 @@ def build_shop_collection(
         raise ValueError(f"train_seconds must be > 0, got {train_seconds}")
     if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"max_epochs must be ≥ 1, got {max_epochs}")
+    from ..train.device import select_device
+
+    torch_device = select_device(device)
+    if fine_tune is None:
+        fine_tune = RECIPES[backbone].frozen and torch_device.type == "cuda"
+    elif fine_tune and not RECIPES[backbone].frozen:
+        raise ValueError(
+            f"{backbone} trains every layer from scratch already; fine_tune applies to the pretrained "
+            f"backbones ({', '.join(name for name, r in RECIPES.items() if r.frozen)})"
+        )
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -438,19 +462,22 @@ def build_shop_collection(
             import shutil
 
             shutil.rmtree(cache, ignore_errors=True)
-            (out / "train" / "checkpoint.pt").unlink(missing_ok=True)
+            for name in ("checkpoint.pt", "fine_tune.pt"):
+                (out / "train" / name).unlink(missing_ok=True)
         if recipe.frozen:
             from ..model.inference import extract_features
             from ..model.persistence import hash_weights
 
-            extractor = model.backbone.eval().to(memory_format=torch.channels_last)
+            extractor = model.backbone.eval().to(torch_device, memory_format=torch.channels_last)
             digest = hashlib.sha256(f"{backbone}|multi_scale={multi_scale}".encode())
             hash_weights(digest, extractor)
             folder = "features"
             transform_key = f"features-{digest.hexdigest()[:12]}"
 
             def transform(images):
-                return extract_features(extractor, images, spec, batch_size=batch_size, progress=False)
+                return extract_features(
+                    extractor, images, spec, batch_size=batch_size, device=torch_device, progress=False
+                )
 
         else:
             folder = transform_key = "images"
@@ -503,43 +530,74 @@ def build_shop_collection(
     if len(trainable) < 2:
         raise FashsimError(f"only {len(trainable)} items to train on: hold fewer out")
     r = recipe
+    budget = {  # the user's budget bounds the phase that trains the backbone: fine-tuning, when there is one
+        "seconds": r.seconds if fine_tune or train_seconds is None else train_seconds,
+        "max_epochs": r.max_epochs if fine_tune or max_epochs is None else max_epochs,
+    }
     config = ShopTrainConfig(
         **{
-            "seconds": train_seconds if train_seconds is not None else r.seconds,
-            "max_epochs": max_epochs if max_epochs is not None else r.max_epochs,
+            **budget,
             "lr": r.lr,
             "p": r.p,
             "k": r.k,
             "ce_weight": r.ce_weight,
             "seed": seed,
             "threads": threads,
+            "workers": workers,
             **dict(train_options or {}),
         }
     )
     kept_inputs = inputs[keep]
+    labels = (style[trainable], {c: v[trainable] for c, v in aux.items()})
     (out / "train").mkdir(exist_ok=True)
     trained = train_shop_model(
         model,
         kept_inputs[trainable],
-        style[trainable],
-        {c: v[trainable] for c, v in aux.items()},
+        *labels,
         frozen=recipe.frozen,
         config=config,
         checkpoint=out / "train" / "checkpoint.pt",
         progress=progress,
+        device=torch_device,
     )
+    kept_paths = [catalog.paths[i] for i in keep]
+    fine_tuned = None
+    if fine_tune:  # the head has learnt on the cached features; now the whole network, on the photos
+        from ..data.catalogs import CatalogImages
+
+        fine_config = replace(
+            config,
+            seconds=train_seconds if train_seconds is not None else r.fine_tune_seconds,
+            max_epochs=max_epochs if max_epochs is not None else r.fine_tune_epochs,
+            lr=dict(train_options or {}).get("lr", r.fine_tune_lr),
+        )
+        fine_tuned = train_shop_model(
+            model,
+            CatalogImages([kept_paths[i] for i in trainable], spec),
+            *labels,
+            frozen=False,
+            config=fine_config,
+            checkpoint=out / "train" / "fine_tune.pt",
+            progress=progress,
+            device=torch_device,
+        )
     timings["train"] = time.perf_counter() - t
 
     # 4. embed, index, save
     t = time.perf_counter()
     model.eval()
     with torch_threads(threads or auto_threads()):
-        if recipe.frozen:
+        if fine_tune:  # the backbone changed: its cached features are stale, the photos are read again
+            embeddings = embed_image_files(
+                model, kept_paths, batch_size=batch_size, workers=workers, device=torch_device, progress=progress
+            )
+        elif recipe.frozen:
             with torch.inference_mode():
-                feats = torch.from_numpy(np.ascontiguousarray(kept_inputs, dtype=np.float32))
-                embeddings = torch.nn.functional.normalize(model.head(feats).float(), dim=1).numpy()
+                feats = torch.from_numpy(np.ascontiguousarray(kept_inputs, dtype=np.float32)).to(torch_device)
+                embeddings = torch.nn.functional.normalize(model.head(feats).float(), dim=1).cpu().numpy()
         else:
-            embeddings = embed_arrays(model, kept_inputs, batch_size=512)
+            embeddings = embed_arrays(model, kept_inputs, batch_size=512, device=torch_device)
+    model.cpu()  # saved, fingerprinted and searched from the CPU
     timings["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     records = catalog_records(catalog, keep, columns)
@@ -581,8 +639,10 @@ def build_shop_collection(
         "model": str(model_path),
         "collection": str(collection_dir),
         "model_fingerprint": model_fp,
-        "train": {k: v for k, v in trained.items() if k != "losses"}
-        | {"last_loss": (trained.get("losses") or [None])[-1], "config": config.to_dict()},
+        "device": torch_device.type,
+        "fine_tuned": bool(fine_tune),
+        "train": _training_summary(trained, config),
+        **({"fine_tune": _training_summary(fine_tuned, fine_config)} if fine_tune else {}),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         # photo file -> vector: decoding, resizing and the network (a frozen backbone runs while streaming)
         "embed_images_per_second": round(len(catalog) / max(timings["stream"] + timings["embed"], 1e-9), 1),
@@ -604,6 +664,14 @@ def build_shop_collection(
         dict(errors),
         summary,
     )
+
+
+def _training_summary(trained: Mapping, config) -> dict:
+    """What build.json keeps of a training run: its state, the last loss and its settings."""
+    return {k: v for k, v in trained.items() if k != "losses"} | {
+        "last_loss": (trained.get("losses") or [None])[-1],
+        "config": config.to_dict(),
+    }
 
 
 def _check_trainable(catalog: FileCatalog, columns: Sequence[str], kind: str) -> None:
@@ -752,6 +820,8 @@ def _cmd_build(args) -> int:
         resume=not args.fresh,
         progress=not args.quiet,
         csv_options=csv_options or None,
+        device=args.device,
+        fine_tune=args.fine_tune,
     )
     s = build.summary
     print(
@@ -870,6 +940,19 @@ def add_shop_parser(subparsers) -> argparse.ArgumentParser:
         help="FAISS index kind (default auto: exact below 200 000 items, then HNSW; see fashsim.search.index.choose_kind)",
     )
     build.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2)")
+    build.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to train and embed (default auto: a CUDA GPU when there is one)",
+    )
+    build.add_argument(
+        "--fine-tune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pretrained backbones: after the head, fine-tune the whole network on the photos (default: on a GPU "
+        "only; --train-seconds and --max-epochs then bound this phase)",
+    )
     build.add_argument("--category-column", help="CSV: the category column (default: category/articleType/...)")
     build.add_argument("--path-column", help="CSV: the image path column (default: path/image/filename/...)")
     build.add_argument(

@@ -2,15 +2,22 @@
 with batch-hard mining, plus a cross-entropy head per label column (multi-task), for a
 wall-clock budget, resumable.
 
-Two inputs, one loop:
+Three inputs, one loop:
 
 * **cached backbone features** (a frozen pretrained backbone, the CPU path): only the head
   (projection + BN-neck) trains; the features are standardised during training and the
   standardisation is folded into the projection afterwards, so the saved model takes raw
   backbone features like any :class:`~fashsim.model.networks.EmbeddingNet`;
-* **images in the model's input format** (a small CNN from scratch at low resolution): the
-  whole network trains, with flips and small shifts as augmentation (never colour jitter: colour
-  is what the shop searches by).
+* **images in the model's input format**, in memory (a small CNN from scratch at low
+  resolution): the whole network trains, with flips and small shifts as augmentation (never
+  colour jitter: colour is what the shop searches by);
+* **image files** (:class:`~fashsim.data.catalogs.CatalogImages`: a pretrained backbone
+  fine-tuned, the GPU path): the whole network trains as above, each P×K batch decoded from disk
+  by ``DataLoader`` workers (the catalog is never in memory), the backbone at
+  ``backbone_lr_scale`` × the head's learning rate.
+
+On a GPU (``device``) the forward pass runs in float16 with a gradient scaler; on a CPU in
+bfloat16 where the CPU computes it natively, else in float32.
 
 A checkpoint is written every :data:`CHECKPOINT_SECONDS` of wall time and at the end; a run
 interrupted and started again with the same data and configuration continues where it stopped
@@ -33,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.catalogs import CatalogImages, collate_catalog_batch
 from ..data.datasets import update_digest
 from ..data.sampler import PKBatchSampler
 from ..data.transforms import augment_batch, normalise_batch
@@ -58,17 +66,19 @@ class ShopTrainConfig:
     ce_weight: float = 0.5  # cross-entropy per label column, on the BN-neck output (0: triplet only)
     feature_dropout: float = 0.2  # frozen features only
     augment: bool = True  # images only: flips and 2-px shifts (the border repeats the background)
-    amp: bool = True  # images only: the CNN's forward pass in bfloat16 where the CPU computes it natively
+    amp: bool = True  # images only: the forward pass in float16 on a GPU, bfloat16 where the CPU computes it natively
+    backbone_lr_scale: float = 0.1  # image files (fine-tuning): the pretrained backbone learns at this × lr
     warmup_steps: int = 50
     seed: int = 0
     threads: int | None = None  # torch CPU threads while training (None: 1 for a head, auto_threads() for a CNN)
+    workers: int = 2  # image files only: DataLoader processes decoding the batches
 
     def to_dict(self) -> dict:
         """Every setting by name (saved with the checkpoint)."""
         return asdict(self)
 
 
-_RESUMABLE = {"seconds", "max_epochs", "threads"}
+_RESUMABLE = {"seconds", "max_epochs", "threads", "workers"}
 #: how often an unfinished training is saved (a run killed sooner starts again from its beginning)
 CHECKPOINT_SECONDS = 20.0
 
@@ -118,12 +128,15 @@ def torch_threads(count: int):
         torch.set_num_threads(previous)
 
 
-def _data_key(inputs: np.ndarray, style: np.ndarray, aux: Mapping[str, np.ndarray], config: ShopTrainConfig) -> str:
+def _data_key(inputs, style: np.ndarray, aux: Mapping[str, np.ndarray], config: ShopTrainConfig) -> str:
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}, sort_keys=True).encode()
     )
-    for array in (inputs, style):
-        update_digest(digest, array)
+    if isinstance(inputs, CatalogImages):  # image files: which files, in which format
+        digest.update(json.dumps([inputs.paths, inputs.spec.to_dict()], sort_keys=True).encode())
+    else:
+        update_digest(digest, inputs)
+    update_digest(digest, style)
     for name in sorted(aux):
         digest.update(name.encode())
         update_digest(digest, aux[name])
@@ -142,7 +155,7 @@ def fold_standardisation(projection: nn.Linear, mean: np.ndarray, std: np.ndarra
 
 def train_shop_model(
     model: EmbeddingNet,
-    inputs: np.ndarray,
+    inputs: np.ndarray | CatalogImages,
     style: np.ndarray,
     aux: Mapping[str, np.ndarray],
     *,
@@ -150,13 +163,19 @@ def train_shop_model(
     config: ShopTrainConfig,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train ``model`` in place on ``inputs`` — backbone features ``(N, F)`` when ``frozen``, else
-    uint8 images ``(N, H, W, 3)`` in ``model.input_spec`` — with batch-hard triplets on ``style``
-    (int labels) plus ``config.ce_weight`` × cross-entropy on each ``aux`` label array. Returns a
-    summary (steps, epochs, seconds, last losses, whether it resumed)."""
+    uint8 images ``(N, H, W, 3)`` in ``model.input_spec`` or the image files of a
+    :class:`~fashsim.data.catalogs.CatalogImages` — with batch-hard triplets on ``style`` (int
+    labels) plus ``config.ce_weight`` × cross-entropy on each ``aux`` label array, on ``device``.
+    Returns a summary (steps, epochs, seconds, last losses, whether it resumed, precision)."""
     from tqdm.auto import tqdm
 
+    device = torch.device(device)
+    files = isinstance(inputs, CatalogImages)
+    if frozen and files:
+        raise ValueError("a frozen backbone trains on its cached features, not on image files")
     style = np.asarray(style, np.int64)
     aux = {name: np.asarray(values, np.int64) for name, values in aux.items() if len(np.unique(values)) > 1}
     threads = config.threads or (1 if frozen else auto_threads())
@@ -168,33 +187,39 @@ def train_shop_model(
         sampler = PKBatchSampler(style, p=p, k=config.k, seed=config.seed)
         heads = nn.ModuleDict(
             {name: nn.Linear(model.embedding_dim, int(values.max()) + 1) for name, values in aux.items()}
-        )
+        ).to(device)
+        model.to(device)
         if frozen:
             model.backbone.requires_grad_(False)
             mean = inputs.mean(0).astype(np.float32)
             std = (inputs.std(0) + 1e-4).astype(np.float32)
-            x_all = torch.from_numpy((inputs - mean) / std).float()
-            trainable = list(model.projection.parameters()) + list(model.neck.parameters())
+            x_all = torch.from_numpy((inputs - mean) / std).float().to(device)
+            groups = [{"params": list(model.projection.parameters()) + list(model.neck.parameters())}]
         else:
             mean = std = None
-            x_all = torch.from_numpy(np.ascontiguousarray(inputs))
-            model = model.to(memory_format=torch.channels_last)
-            trainable = list(model.parameters())
-        optimizer = torch.optim.AdamW(
-            trainable + list(heads.parameters()), lr=config.lr, weight_decay=config.weight_decay
-        )
-        y_style = torch.from_numpy(style)
-        y_aux = {name: torch.from_numpy(values) for name, values in aux.items()}
+            x_all = None if files else torch.from_numpy(np.ascontiguousarray(inputs))
+            model.backbone.requires_grad_(True)
+            model.to(memory_format=torch.channels_last)
+            head_params = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+            backbone_lr = config.backbone_lr_scale if files else 1.0  # fine-tuning: the pretrained part slower
+            groups = [
+                {"params": list(model.backbone.parameters()), "lr_scale": backbone_lr},
+                {"params": head_params},
+            ]
+        groups.append({"params": list(heads.parameters())})
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        y_style = torch.from_numpy(style).to(device)
+        y_aux = {name: torch.from_numpy(values).to(device) for name, values in aux.items()}
         key = _data_key(inputs, style, aux, config)
         state = {"step": 0, "epoch": 0, "elapsed": 0.0, "losses": [], "resumed": False}
         path = Path(checkpoint) if checkpoint else None
         if path is not None and path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            blob = torch.load(path, map_location=device, weights_only=False)
             if blob.get("key") == key:
                 model.load_state_dict(blob["model"])
                 heads.load_state_dict(blob["heads"])
                 optimizer.load_state_dict(blob["optimizer"])
-                generator.set_state(blob["generator"])
+                generator.set_state(blob["generator"].cpu())
                 state = {**blob["state"], "resumed": True}
                 if blob.get("folded"):  # a finished run: its model is already the final one
                     before = blob.get("config", {})
@@ -234,14 +259,35 @@ def train_shop_model(
                     path,
                 )
 
+        def batches():
+            """This epoch's P×K batches: ``(row indices, inputs)``, the inputs on ``device``."""
+            if not files:
+                for batch in sampler:
+                    index = torch.as_tensor(batch)
+                    yield index.to(device), x_all[index].to(device, non_blocking=True)
+                return
+            loader = torch.utils.data.DataLoader(
+                inputs,
+                batch_sampler=sampler,
+                num_workers=config.workers,
+                collate_fn=collate_catalog_batch,
+                pin_memory=device.type == "cuda",
+                multiprocessing_context="fork" if config.workers and os.name != "nt" else None,
+            )
+            for index, images, _ in loader:  # unreadable files were left out before training
+                yield torch.from_numpy(index).to(device), torch.from_numpy(images).to(device, non_blocking=True)
+
         model.train()
         if frozen:
             model.backbone.eval()
         spec = model.input_spec
-        # the training loop's rule: bfloat16 only where the CPU has it natively (elsewhere emulated:
-        # slower than float32); the losses and the optimiser stay in float32
-        bf16 = not frozen and autocast_dtype(config, torch.device("cpu")) is torch.bfloat16
-        state["precision"] = "bfloat16" if bf16 else "float32"  # saved with the checkpoint, so a reused model keeps it
+        # the training loop's rule: float16 with a gradient scaler on a GPU, bfloat16 only where the
+        # CPU has it natively (elsewhere emulated: slower than float32); the losses and the
+        # optimiser stay in float32
+        precision = None if frozen else autocast_dtype(config, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
+        state["precision"] = str(precision or torch.float32).removeprefix("torch.")  # kept with a reused model
+        state["device"] = device.type
         bar = tqdm(
             total=round(config.seconds),
             initial=min(round(state["elapsed"]), round(config.seconds)),
@@ -253,19 +299,19 @@ def train_shop_model(
         done = state["elapsed"] >= config.seconds
         while not done and state["epoch"] < config.max_epochs:
             sampler.set_epoch(state["epoch"])
-            for batch in sampler:
-                start = time.perf_counter()
+            start = time.perf_counter()  # the budget counts waiting for a batch too (image files: decoding)
+            for index, x in batches():
                 progress_now = min(1.0, max(state["elapsed"] / config.seconds, state["epoch"] / config.max_epochs))
+                factor = lr_factor(state["step"], progress_now, config.warmup_steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = config.lr * lr_factor(state["step"], progress_now, config.warmup_steps)
-                index = torch.as_tensor(batch)
+                    group["lr"] = config.lr * group.get("lr_scale", 1.0) * factor
                 if frozen:
-                    raw = model.head(F.dropout(x_all[index], config.feature_dropout))
+                    raw = model.head(F.dropout(x, config.feature_dropout))
                 else:
-                    x = normalise_batch(x_all[index], spec)
+                    x = normalise_batch(x, spec)
                     if config.augment:
                         x = augment_batch(x, generator, fill="edge")  # photos: the border repeats the background
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
                         raw = model.raw_embedding(x.contiguous(memory_format=torch.channels_last))
                     raw = raw.float()
                 loss = triplet_loss(
@@ -274,8 +320,9 @@ def train_shop_model(
                 for name, head in heads.items():
                     loss = loss + config.ce_weight * F.cross_entropy(head(raw), y_aux[name][index])
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 state["step"] += 1
                 state["elapsed"] += time.perf_counter() - start
                 state["losses"] = (state["losses"] + [round(loss.item(), 4)])[-20:]
@@ -285,6 +332,7 @@ def train_shop_model(
                 if path is not None and time.perf_counter() - last_save > CHECKPOINT_SECONDS:
                     save()
                     last_save = time.perf_counter()
+                start = time.perf_counter()
                 if state["elapsed"] >= config.seconds:
                     done = True
                     break

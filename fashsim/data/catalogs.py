@@ -443,7 +443,10 @@ def load_catalog_images(catalog: FileCatalog, spec: InputSpec, *, progress: bool
     return ImageArrayDataset(images, np.asarray(catalog.labels, np.int64), tuple(catalog.class_names), source="catalog")
 
 
-def _loader(paths: Sequence, spec: InputSpec, *, workers: int, batch_size: int):
+def image_batches(paths: Sequence, spec: InputSpec, *, workers: int = 2, batch_size: int = 256):
+    """The images at ``paths`` in ``spec``'s format, in order, ``batch_size`` at a time, decoded by
+    ``workers`` ``DataLoader`` processes: an iterable of :func:`collate_catalog_batch` tuples
+    ``(indices, images, errors)`` (an unreadable file: a blank image and its message)."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -474,7 +477,7 @@ def stream_images(
     if not len(paths):
         return images, errors
     with tqdm(total=len(paths), desc=desc, disable=not progress, leave=False) as bar:
-        for indices, batch, batch_errors in _loader(paths, spec, workers=workers, batch_size=batch_size):
+        for indices, batch, batch_errors in image_batches(paths, spec, workers=workers, batch_size=batch_size):
             images[indices] = batch
             errors.update((int(i), e) for i, e in zip(indices, batch_errors) if e)
             bar.update(len(indices))

@@ -68,6 +68,30 @@ def embed_arrays(
     return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
 
 
+def embed_image_files(
+    model: torch.nn.Module,
+    paths,
+    *,
+    batch_size: int = 256,
+    workers: int = 2,
+    device=None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embeddings ``(N, D)`` float32 of the image files at ``paths`` with an
+    :class:`~fashsim.model.EmbeddingNet`, decoded batch by batch by ``DataLoader`` workers (the
+    images are never all in memory: a catalog too large for it). The files must be readable (an
+    unreadable one would get a blank image's embedding): check them first, e.g. with
+    :func:`fashsim.data.catalogs.stream_images`."""
+    from ..data.catalogs import image_batches
+
+    out = np.zeros((len(paths), model.embedding_dim), np.float32)
+    with tqdm(total=len(paths), desc="embedding", disable=not progress, leave=False) as bar:
+        for indices, images, _ in image_batches(paths, model.input_spec, workers=workers, batch_size=batch_size):
+            out[indices] = embed_arrays(model, images, batch_size=batch_size, device=device)
+            bar.update(len(indices))
+    return out
+
+
 def extract_features(
     backbone: torch.nn.Module,
     images: np.ndarray,
