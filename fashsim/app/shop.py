@@ -580,6 +580,7 @@ def build_shop_collection(
             checkpoint=out / "train" / "fine_tune.pt",
             progress=progress,
             device=torch_device,
+            heads_from=out / "train" / "checkpoint.pt",  # the classifiers the head's phase trained
         )
     timings["train"] = time.perf_counter() - t
 

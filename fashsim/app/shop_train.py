@@ -14,7 +14,9 @@ Three inputs, one loop:
 * **image files** (:class:`~fashsim.data.catalogs.CatalogImages`: a pretrained backbone
   fine-tuned, the GPU path): the whole network trains as above, each P×K batch decoded from disk
   by ``DataLoader`` workers (the catalog is never in memory), the backbone at
-  ``backbone_lr_scale`` × the head's learning rate.
+  ``backbone_lr_scale`` × the head's learning rate, its BatchNorm statistics kept as pretrained
+  and the classifiers carried over from the head's training (``heads_from``), so that fine-tuning
+  starts from the model the head's phase made rather than pulling at it.
 
 On a GPU (``device``) the forward pass runs in float16 with a gradient scaler; on a CPU in
 bfloat16 where the CPU computes it natively, else in float32.
@@ -164,11 +166,14 @@ def train_shop_model(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    heads_from: str | os.PathLike | None = None,
 ) -> dict:
     """Train ``model`` in place on ``inputs`` — backbone features ``(N, F)`` when ``frozen``, else
     uint8 images ``(N, H, W, 3)`` in ``model.input_spec`` or the image files of a
     :class:`~fashsim.data.catalogs.CatalogImages` — with batch-hard triplets on ``style`` (int
     labels) plus ``config.ce_weight`` × cross-entropy on each ``aux`` label array, on ``device``.
+    ``heads_from``: a finished run's checkpoint whose cross-entropy heads this run starts from (a
+    fine-tuning after the head's training: no random classifier pulls at the pretrained backbone).
     Returns a summary (steps, epochs, seconds, last losses, whether it resumed, precision)."""
     from tqdm.auto import tqdm
 
@@ -188,6 +193,8 @@ def train_shop_model(
         heads = nn.ModuleDict(
             {name: nn.Linear(model.embedding_dim, int(values.max()) + 1) for name, values in aux.items()}
         ).to(device)
+        if heads_from is not None:
+            heads.load_state_dict(torch.load(heads_from, map_location="cpu", weights_only=False)["heads"])
         model.to(device)
         if frozen:
             model.backbone.requires_grad_(False)
@@ -280,6 +287,10 @@ def train_shop_model(
         model.train()
         if frozen:
             model.backbone.eval()
+        elif files:  # fine-tuning keeps the pretrained BatchNorm statistics the head's phase saw
+            for module in model.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         spec = model.input_spec
         # the training loop's rule: float16 with a gradient scaler on a GPU, bfloat16 only where the
         # CPU has it natively (elsewhere emulated: slower than float32); the losses and the
@@ -291,7 +302,7 @@ def train_shop_model(
         bar = tqdm(
             total=round(config.seconds),
             initial=min(round(state["elapsed"]), round(config.seconds)),
-            desc="training (s)",
+            desc="fine-tuning (s)" if files else "training (s)",
             disable=not progress,
             leave=False,
         )

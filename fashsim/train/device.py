@@ -17,7 +17,10 @@ def select_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise FashsimError("device 'cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'")
+        raise FashsimError(
+            "device 'cuda' was asked for but no CUDA GPU is available; use device 'auto' or 'cpu' "
+            "(command line: --device auto)"
+        )
     device = torch.device(requested)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
