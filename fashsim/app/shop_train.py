@@ -196,23 +196,20 @@ def train_shop_model(
         if heads_from is not None:
             heads.load_state_dict(torch.load(heads_from, map_location="cpu", weights_only=False)["heads"])
         model.to(device)
+        # the head: projection + BN-neck (every parameter outside the backbone)
+        groups = [{"params": [p for name, p in model.named_parameters() if not name.startswith("backbone.")]}]
         if frozen:
             model.backbone.requires_grad_(False)
             mean = inputs.mean(0).astype(np.float32)
             std = (inputs.std(0) + 1e-4).astype(np.float32)
             x_all = torch.from_numpy((inputs - mean) / std).float().to(device)
-            groups = [{"params": list(model.projection.parameters()) + list(model.neck.parameters())}]
         else:
             mean = std = None
             x_all = None if files else torch.from_numpy(np.ascontiguousarray(inputs))
             model.backbone.requires_grad_(True)
             model.to(memory_format=torch.channels_last)
-            head_params = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
             backbone_lr = config.backbone_lr_scale if files else 1.0  # fine-tuning: the pretrained part slower
-            groups = [
-                {"params": list(model.backbone.parameters()), "lr_scale": backbone_lr},
-                {"params": head_params},
-            ]
+            groups.insert(0, {"params": list(model.backbone.parameters()), "lr_scale": backbone_lr})
         groups.append({"params": list(heads.parameters())})
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         y_style = torch.from_numpy(style).to(device)
